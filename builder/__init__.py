@@ -1,0 +1,1 @@
+"""pgbuild's builder: data preparation, training, quantization, packing and auditing."""

@@ -1,0 +1,236 @@
+"""The `pgbuild` command line (click + rich)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from builder.config import PRESETS, EvalConfig, ModelConfig, Preset, QuantConfig, TrainConfig, apply_overrides, \
+    field_docs, get_preset
+from runtime.errors import PgError
+
+console = Console(stderr=True)
+
+
+class PgGroup(click.Group):
+    """Turns `PgError` into one line on stderr and exit status 2, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except PgError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(2)
+
+
+@click.group(cls=PgGroup)
+def main():
+    """pgbuild: train, quantize and pack Parameter Golf models into one self-scoring artifact.py."""
+
+
+def _set_help():
+    lines = []
+    for section, cls in (("model", ModelConfig), ("train", TrainConfig), ("quant", QuantConfig), ("eval", EvalConfig)):
+        lines.append(f"{section}.*: " + ", ".join(field_docs(cls)))
+    return "override one field, e.g. model.num_layers=4 (repeatable; `pgbuild presets` documents each field). " \
+        + "; ".join(lines)
+
+
+def resolve_preset(name, config_file, assignments):
+    preset = get_preset(name)
+    if config_file:
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
+        try:
+            with open(config_file, "rb") as f:
+                table = tomllib.load(f)
+        except (OSError, ValueError) as e:
+            raise PgError(f"{config_file}: cannot read config ({e})") from None
+        merged = preset.to_dict()
+        for section, values in table.items():
+            if not isinstance(values, dict):
+                raise PgError(f"{config_file}: top-level key {section!r} must be a [section] table")
+            merged.setdefault(section, {}).update(values)
+        preset = Preset.from_dict(merged)
+    return apply_overrides(preset, assignments)
+
+
+def preset_options(f):
+    f = click.option("--set", "assignments", multiple=True, metavar="SECTION.FIELD=VALUE", help=_set_help())(f)
+    f = click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with [model], [train], [quant], [eval] tables")(f)
+    f = click.option("--preset", default="tiny", show_default=True, type=click.Choice(list(PRESETS)), help="named configuration")(f)
+    return f
+
+
+def launch_options(f):
+    f = click.option("--rdzv-endpoint", help="rendezvous HOST:PORT for multi-node runs")(f)
+    f = click.option("--nnodes", default=1, show_default=True, help="nodes for torchrun")(f)
+    f = click.option("--nproc-per-node", default=1, show_default=True, help="processes per node; >1 relaunches under torchrun")(f)
+    return f
+
+
+def maybe_relaunch(nproc_per_node, nnodes, rdzv_endpoint):
+    """Re-run this very command under torch's launcher when more than one process is asked for."""
+    if "RANK" in os.environ or (nproc_per_node <= 1 and nnodes <= 1):
+        return
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}"]
+    if rdzv_endpoint:
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
+    elif nnodes > 1:
+        raise PgError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT")
+    else:
+        cmd += ["--standalone"]
+    sys.exit(subprocess.call(cmd + ["-m", "builder"] + sys.argv[1:]))
+
+
+def _data_layout(data, preset, tokenizer=None):
+    from runtime.data import find_data
+    return find_data(data, preset.model.vocab_size, tokenizer)
+
+
+def _check_tokenizer(layout, preset):
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=layout.tokenizer)
+    if sp.get_piece_size() != preset.model.vocab_size:
+        raise PgError(f"{layout.tokenizer}: tokenizer has {sp.get_piece_size()} pieces but model.vocab_size is "
+                      f"{preset.model.vocab_size}; pass --set model.vocab_size={sp.get_piece_size()}")
+
+
+def _train(preset, data):
+    from builder.train import setup_context, train
+
+    ctx = setup_context(preset.train.require_cuda)
+    layout = _data_layout(data, preset)
+    _check_tokenizer(layout, preset)
+    layout.shards("val")  # fail before training, not after, if evaluation would have nothing to read
+    if ctx.is_main:
+        console.print(f"[bold]training[/] on {ctx.device} x{ctx.world}: {preset.model.num_layers} layers x "
+                      f"{preset.model.model_dim}, {preset.train.batch_tokens:,} tokens/step")
+    result = train(preset, layout, ctx, report=console.print if ctx.is_main else (lambda *_: None))
+    return ctx, layout, result
+
+
+def _print_result(summary, as_json):
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    table = Table(title="artifact", show_header=False)
+    for key, value in summary.items():
+        if key != "bits":
+            table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
+    Console().print(table)
+
+
+@main.command("train-and-pack")
+@preset_options
+@launch_options
+@click.option("--data", required=True, type=click.Path(), help="dataset directory (pgbuild or challenge layout)")
+@click.option("--out", default="artifact.py", show_default=True, type=click.Path(), help="artifact file to write")
+@click.option("--budget-bytes", type=int, help="hard cap on the artifact's size (default: quant.budget_bytes = 16,000,000)")
+@click.option("--eval-tokens", default=1_000_000, show_default=True, help="validation prefix scored at build time")
+@click.option("--eval-modes", default="standard,sliding,ttt", show_default=True, help="modes scored at build time")
+@click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
+def train_and_pack(preset, config_file, assignments, nproc_per_node, nnodes, rdzv_endpoint, data, out, budget_bytes,
+                   eval_tokens, eval_modes, as_json):
+    """Train, quantize, fit the byte budget and write one self-contained artifact.py."""
+    from builder.pipeline import provenance, quantize_and_pack
+
+    maybe_relaunch(nproc_per_node, nnodes, rdzv_endpoint)
+    preset = resolve_preset(preset, config_file, assignments)
+    if budget_bytes is not None:
+        preset = apply_overrides(preset, [f"quant.budget_bytes={budget_bytes}"])
+    ctx, layout, result = _train(preset, data)
+    summary = quantize_and_pack(result.model, preset, layout, out, ctx, provenance(preset, result, ctx.world),
+                                eval_tokens, _modes(eval_modes), report=console.print if ctx.is_main else (lambda *_: None))
+    if ctx.is_main:
+        _print_result(summary, as_json)
+
+
+def _modes(text):
+    from runtime.evaluate import MODES
+    modes = [m for m in text.split(",") if m]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise PgError(f"--eval-modes: unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}")
+    return modes
+
+
+@main.command()
+@preset_options
+@launch_options
+@click.option("--data", required=True, type=click.Path(), help="dataset directory")
+@click.option("--out", default="checkpoint.pt", show_default=True, type=click.Path(), help="checkpoint to write")
+def train(preset, config_file, assignments, nproc_per_node, nnodes, rdzv_endpoint, data, out):
+    """Train only, writing a checkpoint for `pgbuild quantize`."""
+    from builder.pipeline import provenance, save_checkpoint
+
+    maybe_relaunch(nproc_per_node, nnodes, rdzv_endpoint)
+    preset = resolve_preset(preset, config_file, assignments)
+    ctx, _, result = _train(preset, data)
+    if ctx.is_main:
+        save_checkpoint(out, result.model, preset, provenance(preset, result, ctx.world))
+        console.print(f"wrote {out}")
+
+
+@main.command()
+@click.option("--checkpoint", required=True, type=click.Path(), help="checkpoint from `pgbuild train`")
+@click.option("--data", required=True, type=click.Path(), help="dataset directory (training shards calibrate GPTQ)")
+@click.option("--out", default="artifact.py", show_default=True, type=click.Path(), help="artifact file to write")
+@click.option("--budget-bytes", type=int, help="hard cap on the artifact's size (default: the checkpoint's)")
+@click.option("--set", "assignments", multiple=True, metavar="quant.FIELD=VALUE", help="override quantization/eval settings")
+@click.option("--eval-tokens", default=1_000_000, show_default=True, help="validation prefix scored at build time")
+@click.option("--eval-modes", default="standard,sliding,ttt", show_default=True, help="modes scored at build time")
+@click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
+def quantize(checkpoint, data, out, budget_bytes, assignments, eval_tokens, eval_modes, as_json):
+    """Quantize a checkpoint, fit the budget and write the artifact, without retraining."""
+    from builder.pipeline import load_checkpoint, quantize_and_pack
+    from builder.train import setup_context
+
+    ctx = setup_context()
+    model, preset, prov = load_checkpoint(checkpoint, ctx.device)
+    preset = apply_overrides(preset, list(assignments) + ([f"quant.budget_bytes={budget_bytes}"] if budget_bytes else []))
+    layout = _data_layout(data, preset)
+    _check_tokenizer(layout, preset)
+    summary = quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, _modes(eval_modes),
+                                report=console.print)
+    _print_result(summary, as_json)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="print resolved presets as JSON")
+def presets(as_json):
+    """List the named presets with their resolved configurations."""
+    resolved = {name: make().to_dict() for name, make in PRESETS.items()}
+    if as_json:
+        click.echo(json.dumps(resolved, indent=1))
+        return
+    classes = {"model": ModelConfig, "train": TrainConfig, "quant": QuantConfig, "eval": EvalConfig}
+    table = Table(title="presets")
+    table.add_column("field")
+    for name in resolved:
+        table.add_column(name)
+    table.add_column("meaning")
+    for section, cls in classes.items():
+        docs = field_docs(cls)
+        for field_name, doc in docs.items():
+            table.add_row(f"{section}.{field_name}", *(str(resolved[p][section][field_name]) for p in resolved), doc)
+    Console().print(table)
+
+
+def _register_optional_commands():
+    from builder.cli_data import data
+    main.add_command(data)
+    try:
+        from builder.audit import audit
+        main.add_command(audit)
+    except ImportError:
+        pass
+
+
+_register_optional_commands()

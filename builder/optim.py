@@ -1,0 +1,108 @@
+"""Muon (with MuonEq-R) for the block matrices, AdamW for the rest, and the wallclock schedule."""
+
+import math
+
+import torch
+import torch.distributed as dist
+
+NEWTON_SCHULZ = {
+    "classic": [(3.4445, -4.775, 2.0315)] * 5,
+    "polar_express": [
+        (8.156554524902461, -22.48329292557795, 15.878769915207462),
+        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+    ],
+}
+
+
+def newton_schulz(g, coefficients, steps):
+    """Approximately orthogonalize `g` (the U V^T of its SVD) with quintic Newton-Schulz steps."""
+    x = g.bfloat16() if g.is_cuda else g.float()
+    x = x / (x.norm() + 1e-7)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    for i in range(steps):
+        a, b, c = coefficients[min(i, len(coefficients) - 1)]
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, MuonEq-R row normalization, Newton-Schulz, decoupled weight decay.
+
+    Under torch.distributed each rank orthogonalizes only the matrices it owns (index mod world
+    size) and one all-reduce of a flat buffer hands every rank every update, so the Newton-Schulz
+    work is split rather than repeated. Gradients must already be averaged across ranks.
+    """
+
+    def __init__(self, params, lr, momentum, weight_decay, coefficients="classic", ns_steps=5):
+        super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        self.coefficients = NEWTON_SCHULZ[coefficients]
+        self.ns_steps = ns_steps
+
+    @torch.no_grad()
+    def step(self):
+        distributed = dist.is_available() and dist.is_initialized()
+        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        for group in self.param_groups:
+            params, mu = group["params"], group["momentum"]
+            flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % world == rank and p.grad is not None:
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                    buf.mul_(mu).add_(p.grad)
+                    update = p.grad.add(buf, alpha=mu)
+                    update = update / update.norm(dim=1, keepdim=True).clamp_min(1e-7)
+                    update = newton_schulz(update, self.coefficients, self.ns_steps)
+                    update = update * math.sqrt(max(1.0, p.size(0) / p.size(1)))
+                    flat[offset:offset + p.numel()] = update.flatten().float()
+                offset += p.numel()
+            if distributed:
+                dist.all_reduce(flat)
+            offset = 0
+            for p in params:
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(flat[offset:offset + p.numel()].view_as(p), alpha=-group["lr"])
+                offset += p.numel()
+
+
+def is_control(name, p):
+    """Scales, gains, mixes and skip weights: small tensors that AdamW handles better than Muon."""
+    return p.ndim < 2 or name.startswith("skip_") or name.endswith(("resid_mix", "q_gain"))
+
+
+def build_optimizers(model, cfg):
+    """Muon on block matrices; AdamW groups for the embedding/head and the control tensors."""
+    matrices, embeds, controls = [], [], []
+    for name, p in model.named_parameters():
+        if name in ("tok_emb.weight", "lm_head.weight"):
+            embeds.append(p)
+        elif is_control(name, p):
+            controls.append(p)
+        else:
+            matrices.append(p)
+    adam = torch.optim.AdamW(
+        [dict(params=embeds, lr=cfg.embed_lr, weight_decay=cfg.embed_weight_decay, base_lr=cfg.embed_lr),
+         dict(params=controls, lr=cfg.scalar_lr, weight_decay=cfg.scalar_weight_decay, base_lr=cfg.scalar_lr)],
+        betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+    muon = Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay,
+                coefficients=cfg.newton_schulz_coefficients, ns_steps=cfg.newton_schulz_steps)
+    muon.param_groups[0]["base_lr"] = cfg.matrix_lr
+    return [muon, adam]
+
+
+def lr_multiplier(frac, warmdown_frac, min_lr):
+    """1 until the warmdown starts, then linear to 0 at frac = 1, floored at min_lr."""
+    if frac < 1 - warmdown_frac:
+        return 1.0
+    return max((1 - frac) / warmdown_frac, min_lr)
+
+
+def muon_momentum(step, cfg):
+    ramp = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps else 1.0
+    return cfg.muon_momentum_warmup_start + ramp * (cfg.muon_momentum - cfg.muon_momentum_warmup_start)

@@ -1,0 +1,158 @@
+"""Writing the artifact: preamble + zip(bootstrap, manifest, runtime.xz, weight streams).
+
+Weight streams group tensors by role and encoding (all layers' MLP fc codes at int6 form one
+stream, say), since similar symbols side by side compress best; each stream is compressed with
+every configured codec and the smallest output is kept. The runtime sources are minified
+(docstrings and comments dropped) and shipped as one LZMA stream of {module: source}.
+"""
+
+import ast
+import hashlib
+import io
+import json
+import os
+import zipfile
+from importlib import resources
+from pathlib import Path
+
+import runtime
+from builder.quantize import matrix_group
+from runtime.artifact import BOOTSTRAP, MANIFEST
+from runtime.codec import LZMA_FILTERS, compress
+from runtime.errors import PgError
+
+FORMAT_VERSION = 1
+EXTENSIONS = {"brotli": "br", "lzma": "xz"}
+ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed timestamps make packing deterministic
+
+PREAMBLE = b"""#!/usr/bin/env python3
+# pgbuild artifact: a Parameter Golf language model (evaluation code + compressed weights) in one file.
+# Run `python artifact.py eval --data DIR [--mode standard|sliding|ttt]` or `python artifact.py info`.
+# What follows is a zip archive (CPython runs its __main__.py); `pgbuild audit` reports its bytes.
+"""
+
+
+class _DropDocstrings(ast.NodeTransformer):
+    """Removes every statement that is a bare string literal (docstrings, field docs)."""
+
+    def _strip(self, node):
+        self.generic_visit(node)
+        body = [s for s in node.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)
+                                             and isinstance(s.value.value, str))]
+        node.body = body or [ast.Pass()]
+        return node
+
+    visit_Module = visit_ClassDef = visit_FunctionDef = visit_AsyncFunctionDef = _strip
+
+
+def minify(source):
+    """Source without docstrings or comments (ast.unparse drops comments)."""
+    return ast.unparse(_DropDocstrings().visit(ast.parse(source)))
+
+
+def runtime_sources():
+    """{module name: minified source} for every module of the runtime package."""
+    root = Path(runtime.__file__).parent
+    return {("runtime" if p.stem == "__init__" else f"runtime.{p.stem}"): minify(p.read_text())
+            for p in sorted(root.glob("*.py"))}
+
+
+def runtime_stream():
+    import lzma
+    bundle = json.dumps(runtime_sources(), separators=(",", ":")).encode()
+    return lzma.compress(bundle, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+
+
+def bootstrap_source(manifest_sha256):
+    template = resources.files("templates").joinpath("bootstrap.py").read_text()
+    return minify(template).replace("@MANIFEST_SHA256@", manifest_sha256).encode()
+
+
+def stream_key(encoded):
+    """Which weight stream a tensor's payload goes to."""
+    if encoded.scales is None:
+        return "control.fp16"
+    return f"{matrix_group(encoded.name)}.{encoded.enc}"
+
+
+def build_streams(encoded_tensors):
+    """Concatenate payloads into streams; returns (raw streams, manifest tensor entries)."""
+    raw, entries = {}, []
+
+    def put(key, array):
+        buf = raw.setdefault(key, bytearray())
+        ref = [key, len(buf), array.nbytes]
+        buf += array.tobytes()
+        return ref
+
+    for e in encoded_tensors:
+        entry = {"name": e.name, "shape": list(e.shape), "enc": e.enc, "data": put(stream_key(e), e.data)}
+        if e.scales is not None:
+            entry["scale"] = put("scales.fp16", e.scales)
+        entries.append(entry)
+    order = list(raw)
+    for entry in entries:  # manifest refers to streams by index
+        for field in ("data", "scale"):
+            if field in entry:
+                entry[field][0] = order.index(entry[field][0])
+    return {k: bytes(raw[k]) for k in order}, entries
+
+
+class StreamCompressor:
+    """Compresses each stream with every codec, keeps the smallest, and remembers results so
+    that repacking after a small change recompresses only the streams that changed."""
+
+    def __init__(self, codecs):
+        self.codecs = tuple(codecs)
+        self._cache = {}
+
+    def __call__(self, raw):
+        key = hashlib.sha256(raw).digest()
+        if key not in self._cache:
+            self._cache[key] = min(((codec, compress(codec, raw)) for codec in self.codecs), key=lambda c: len(c[1]))
+        return self._cache[key]
+
+
+def build_artifact(encoded_tensors, info, compressor):
+    """The artifact's bytes. `info` holds the manifest's descriptive fields (model, eval,
+    tokenizer_sha256, recipe, provenance, metrics)."""
+    raw_streams, tensors = build_streams(encoded_tensors)
+    members = {"runtime.xz": runtime_stream()}
+    streams = []
+    for name, raw in raw_streams.items():
+        codec, data = compressor(raw)
+        member = f"w/{name}.{EXTENSIONS[codec]}"
+        members[member] = data
+        streams.append({"name": name, "member": member, "codec": codec, "raw_bytes": len(raw)})
+    manifest = dict(format=FORMAT_VERSION, **info, streams=streams, tensors=tensors,
+                    members={name: hashlib.sha256(data).hexdigest() for name, data in members.items()})
+    manifest_bytes = json.dumps(manifest, separators=(",", ":")).encode()
+    out = io.BytesIO()
+    out.write(PREAMBLE)
+    with zipfile.ZipFile(out, "w") as zf:
+        def add(name, data, method):
+            zf.writestr(zipfile.ZipInfo(name, ZIP_EPOCH), data, compress_type=method, compresslevel=9)
+        add(BOOTSTRAP, bootstrap_source(hashlib.sha256(manifest_bytes).hexdigest()), zipfile.ZIP_DEFLATED)
+        add(MANIFEST, manifest_bytes, zipfile.ZIP_DEFLATED)
+        for name, data in members.items():
+            add(name, data, zipfile.ZIP_STORED)  # already compressed
+    return out.getvalue()
+
+
+def write_atomic(path, data):
+    """Write `data` under a temporary name beside `path`, then rename it into place."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise PgError(f"{path}: is a directory; give a file name such as artifact.py")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    if os.path.getsize(path) != len(data):
+        raise PgError(f"{path}: written size differs from the packed size")

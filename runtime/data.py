@@ -1,0 +1,95 @@
+"""Token shards in the challenge's format, and where to find them.
+
+A shard is a 256 x int32 little-endian header (magic 20240520, version 1, token count) followed by
+that many little-endian uint16 tokens. Two directory layouts are accepted for `--data DIR`:
+
+- pgbuild's own: DIR/tokenizer.model next to DIR/fineweb_{train,val}_NNNNNN.bin;
+- the challenge's: DIR/datasets/fineweb10B_spV/*.bin with DIR/tokenizers/fineweb_V_bpe.model,
+  or DIR pointing at datasets/fineweb10B_spV itself.
+"""
+
+import glob
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import PgError
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+
+
+def read_shard(path, mmap=False):
+    """The tokens of one shard as a uint16 array (memory-mapped if `mmap`), after checking its
+    header and size."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
+            if header.size != HEADER_INTS:
+                raise PgError(f"{path}: truncated shard (no complete 1024-byte header)")
+            if header[0] != SHARD_MAGIC:
+                raise PgError(f"{path}: not a token shard (magic {header[0]}, expected {SHARD_MAGIC})")
+            if header[1] != SHARD_VERSION:
+                raise PgError(f"{path}: unsupported shard version {header[1]} (expected {SHARD_VERSION})")
+            count = int(header[2])
+            if size != HEADER_BYTES + 2 * count:
+                raise PgError(f"{path}: size {size} does not match its header ({count} tokens"
+                              f" need {HEADER_BYTES + 2 * count} bytes); the file is truncated or corrupt")
+            if mmap:
+                return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+            return np.frombuffer(f.read(), dtype="<u2").astype(np.uint16)
+    except OSError as e:
+        raise PgError(f"{path}: cannot read shard ({e.strerror})") from None
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """Where a dataset's shards and tokenizer live."""
+
+    shard_dir: str
+    tokenizer: str
+
+    def shards(self, split):
+        """The sorted shard paths of `split` ("train" or "val"); raises if there are none."""
+        paths = sorted(glob.glob(os.path.join(self.shard_dir, f"fineweb_{split}_*.bin")))
+        if not paths:
+            raise PgError(f"{self.shard_dir}: no fineweb_{split}_*.bin shards; "
+                          f"build them with `pgbuild data build` or `pgbuild data download`")
+        return paths
+
+
+def find_data(data_dir, vocab_size=None, tokenizer=None):
+    """Resolve `--data DIR` (either layout) and an optional explicit tokenizer path."""
+    if not os.path.isdir(data_dir):
+        raise PgError(f"{data_dir}: data directory does not exist")
+    shard_dir, guesses = data_dir, [os.path.join(data_dir, "tokenizer.model")]
+    if vocab_size is not None:
+        challenge = os.path.join(data_dir, "datasets", f"fineweb10B_sp{vocab_size}")
+        if os.path.isdir(challenge):
+            shard_dir = challenge
+        tok_name = f"fineweb_{vocab_size}_bpe.model"
+        guesses += [os.path.join(data_dir, "tokenizers", tok_name),
+                    os.path.join(shard_dir, "..", "..", "tokenizers", tok_name)]
+    if tokenizer is None:
+        tokenizer = next((g for g in guesses if os.path.isfile(g)), None)
+        if tokenizer is None:
+            raise PgError(f"{data_dir}: no tokenizer found (looked for {', '.join(guesses)}); pass --tokenizer")
+    elif not os.path.isfile(tokenizer):
+        raise PgError(f"{tokenizer}: tokenizer file does not exist")
+    return DataLayout(os.path.normpath(shard_dir), os.path.normpath(tokenizer))
+
+
+def load_tokens(layout, split, max_tokens=None):
+    """Concatenate a split's shards in order, stopping once `max_tokens` are read."""
+    parts, total = [], 0
+    for path in layout.shards(split):
+        parts.append(read_shard(path))
+        total += parts[-1].size
+        if max_tokens is not None and total >= max_tokens:
+            break
+    tokens = np.concatenate(parts)
+    return tokens[:max_tokens] if max_tokens is not None else tokens

@@ -1,0 +1,1 @@
+"""Files that pgbuild copies into artifacts (installed as package data)."""
