@@ -18,7 +18,7 @@ from pathlib import Path
 import runtime
 from builder.quantize import matrix_group
 from runtime.artifact import BOOTSTRAP, MANIFEST
-from runtime.codec import LZMA_FILTERS, compress
+from runtime.codec import LZMA_FILTERS, byte_shuffle, compress
 from runtime.errors import PgError
 
 FORMAT_VERSION = 1
@@ -29,7 +29,10 @@ PREAMBLE = b"""#!/usr/bin/env python3
 # pgbuild artifact: a Parameter Golf language model (evaluation code + compressed weights) in one file.
 # Run `python artifact.py eval --data DIR [--mode standard|sliding|ttt]` or `python artifact.py info`.
 # What follows is a zip archive (CPython runs its __main__.py); `pgbuild audit` reports its bytes.
-"""
+raise SystemExit("artifact damaged: its zip archive is missing; rebuild or re-download it")
+# artifact damaged (its zip archive is truncated or corrupt): rebuild or re-download it """
+"""Python runs the zip's __main__.py and never this text, unless the archive is gone: then the
+`raise` line speaks, or, if binary bytes remain, Python's "null bytes" error quotes the last line."""
 
 
 class _DropDocstrings(ast.NodeTransformer):
@@ -120,10 +123,14 @@ def build_artifact(encoded_tensors, info, compressor):
     members = {"runtime.xz": runtime_stream()}
     streams = []
     for name, raw in raw_streams.items():
+        stream = {"name": name}
+        if name.endswith(".fp16"):
+            raw = byte_shuffle(raw, 2)
+            stream["shuffle"] = 2
         codec, data = compressor(raw)
-        member = f"w/{name}.{EXTENSIONS[codec]}"
-        members[member] = data
-        streams.append({"name": name, "member": member, "codec": codec, "raw_bytes": len(raw)})
+        stream.update(member=f"w/{name}.{EXTENSIONS[codec]}", codec=codec, raw_bytes=len(raw))
+        members[stream["member"]] = data
+        streams.append(stream)
     manifest = dict(format=FORMAT_VERSION, **info, streams=streams, tensors=tensors,
                     members={name: hashlib.sha256(data).hexdigest() for name, data in members.items()})
     manifest_bytes = json.dumps(manifest, separators=(",", ":")).encode()

@@ -54,7 +54,10 @@ def load_tokenizer(path, manifest, force):
     if digest != manifest["tokenizer_sha256"] and not force:
         raise PgError(f"{path}: tokenizer SHA-256 {digest[:12]}… differs from the build's "
                       f"{manifest['tokenizer_sha256'][:12]}…; pass the right one or --force-tokenizer")
-    sp = spm.SentencePieceProcessor(model_file=path)
+    try:
+        sp = spm.SentencePieceProcessor(model_file=path)
+    except (OSError, RuntimeError) as e:
+        raise PgError(f"{path}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
     vocab = manifest["model"]["vocab_size"]
     if sp.get_piece_size() != vocab:
         raise PgError(f"{path}: tokenizer has {sp.get_piece_size()} pieces but the model expects {vocab}")
@@ -107,8 +110,10 @@ def run_eval(args, manifest, read_member):
         raise PgError(f"validation shards hold token id {int(tokens.max())} >= vocab {vocab}; wrong dataset for this model")
     model = load_model(manifest, read_member, device)
     result = evaluate(model, tokens, byte_tables(sp, vocab), cfg, args.mode, device)
-    if "RANK" in os.environ and int(os.environ["RANK"]) != 0:
-        return 0
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+        if int(os.environ["RANK"]) != 0:
+            return 0
     if args.dump_nll:
         atomic_save_npy(args.dump_nll, result.nll)
     summary = result.summary()

@@ -7,6 +7,9 @@ of a decompressed stream:
   per row in a scale stream; the weight is codes * scale. Codes are stored a byte each, since
   bit-packing defeats the entropy coder more than it saves.
 - enc "fp16": the values themselves.
+
+Streams of fp16 values are byte-shuffled (all low bytes, then all high bytes), as the records do:
+the high bytes of similar numbers repeat, and grouping them lets the entropy coder see it.
 """
 
 import lzma
@@ -42,6 +45,14 @@ def decompress(codec, data):
     raise PgError(f"unknown codec {codec!r}")
 
 
+def byte_shuffle(data, width):
+    return np.frombuffer(data, np.uint8).reshape(-1, width).T.tobytes()
+
+
+def byte_unshuffle(data, width):
+    return np.frombuffer(data, np.uint8).reshape(width, -1).T.tobytes()
+
+
 def _slice(streams, ref, dtype):
     index, offset, size = ref
     return np.frombuffer(streams[index], dtype=dtype, count=size // np.dtype(dtype).itemsize, offset=offset)
@@ -64,6 +75,8 @@ def decode_tensor(entry, streams):
 def decode_state(manifest, read_member):
     """All tensors of a manifest, as a state dict; `read_member(name)` returns a member's bytes."""
     streams = [decompress(s["codec"], read_member(s["member"])) for s in manifest["streams"]]
+    streams = [byte_unshuffle(raw, s["shuffle"]) if s.get("shuffle") else raw
+               for s, raw in zip(manifest["streams"], streams)]
     for s, raw in zip(manifest["streams"], streams):
         if len(raw) != s["raw_bytes"]:
             raise PgError(f"stream {s['name']}: {len(raw)} bytes after decompression, manifest says {s['raw_bytes']}")

@@ -1,0 +1,65 @@
+"""Shared fixtures: a real dataset built from the committed public-domain fixture, and one real
+artifact trained and packed by the `pgbuild` CLI, reused by every test that needs one."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = ROOT / "tests" / "fixtures" / "demo_corpus.jsonl.xz"
+VAL_DOCS = 20
+# Short enough for CI, long enough that the model is far better than a unigram.
+TRAIN_SETTINGS = ["--set", "train.iterations=150", "--set", "train.max_wallclock_seconds=60"]
+
+
+def run_pgbuild(*args, cwd=None, check=True):
+    proc = subprocess.run([sys.executable, "-m", "builder", *map(str, args)], cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pgbuild {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    from builder.dataset import build_dataset
+
+    out = tmp_path_factory.mktemp("data")
+    build_dataset(FIXTURE, 1024, out, val_docs=VAL_DOCS)
+    return out
+
+
+@pytest.fixture(scope="session")
+def packed(tmp_path_factory, demo_data):
+    """(artifact path, train-and-pack's JSON summary) for a tiny model trained on the fixture."""
+    out = tmp_path_factory.mktemp("artifact") / "artifact.py"
+    proc = run_pgbuild("train-and-pack", "--preset", "tiny", "--data", demo_data, "--out", out,
+                       *TRAIN_SETTINGS, "--eval-tokens", 6000, "--json")
+    return out, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
+def artifact(packed):
+    return packed[0]
+
+
+@pytest.fixture(scope="session")
+def clean_env(tmp_path_factory):
+    """An environment where pgbuild's packages cannot be imported: a folder first on PYTHONPATH
+    shadows them with packages that raise on import, so the artifact must bring its own runtime."""
+    shadow = tmp_path_factory.mktemp("shadow")
+    for name in ("builder", "runtime", "templates"):
+        (shadow / name).mkdir()
+        (shadow / name / "__init__.py").write_text(f"raise ImportError('{name} must not be importable here')\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PYTHONPATH"] = str(shadow)
+    return env
+
+
+def run_artifact(path, *args, env, cwd):
+    return subprocess.run([sys.executable, str(path), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)

@@ -1,0 +1,193 @@
+"""The packed artifact, run as a user runs it: a subprocess in an empty directory, pgbuild not
+importable, scoring real validation shards."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import io
+import zipfile
+
+import numpy as np
+import pytest
+
+from conftest import run_artifact
+from runtime.data import find_data, load_tokens
+from runtime.evaluate import byte_tables, target_bytes, trim_stream
+
+
+@pytest.fixture
+def workdir(tmp_path, artifact):
+    """An empty directory holding only a copy of the artifact."""
+    shutil.copy(artifact, tmp_path / "artifact.py")
+    return tmp_path
+
+
+def eval_json(workdir, clean_env, data, *extra):
+    proc = run_artifact(workdir / "artifact.py", "eval", "--data", data, "--json", *extra, env=clean_env, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_pgbuild_is_not_importable_in_the_clean_environment(clean_env, tmp_path):
+    for name in ("builder", "runtime"):
+        proc = subprocess.run([sys.executable, "-c", f"import {name}"], env=clean_env, cwd=tmp_path,
+                              capture_output=True, text=True)
+        assert proc.returncode != 0
+
+
+def test_eval_runs_self_contained_and_reports_bpb(workdir, clean_env, demo_data):
+    result = eval_json(workdir, clean_env, demo_data, "--mode", "sliding", "--max-val-tokens", 4000)
+    assert result["mode"] == "sliding"
+    assert set(result) >= {"val_loss", "val_bpb", "tokens", "bytes", "seconds", "mode"}
+    assert result["tokens"] > 3000 and result["bytes"] > result["tokens"]
+    assert math.isclose(result["val_bpb"], result["val_loss"] * result["tokens"] / math.log(2) / result["bytes"],
+                        rel_tol=1e-9)
+
+
+def unigram_bpb(layout, sp_vocab, val_tokens, tables):
+    """bpb of an add-one unigram model fitted on the training shards: the bar to clear."""
+    train = load_tokens(layout, "train")
+    counts = np.bincount(train, minlength=sp_vocab).astype(np.float64) + 1
+    logp = np.log(counts / counts.sum())
+    nll = -logp[val_tokens[1:].astype(np.int64)]
+    return nll.sum() / math.log(2) / target_bytes(val_tokens, tables).sum()
+
+
+def test_artifact_clearly_beats_a_unigram_model(workdir, clean_env, demo_data):
+    import sentencepiece as spm
+
+    layout = find_data(str(demo_data), 1024)
+    tables = byte_tables(spm.SentencePieceProcessor(model_file=layout.tokenizer), 1024)
+    tokens = trim_stream(load_tokens(layout, "val", 8192), 128)
+    baseline = unigram_bpb(layout, 1024, tokens, tables)
+    model = eval_json(workdir, clean_env, demo_data, "--mode", "standard", "--max-val-tokens", 8192)
+    assert model["val_bpb"] < baseline - 0.8, (model["val_bpb"], baseline)
+
+
+def test_dump_nll_matches_reported_loss(workdir, clean_env, demo_data):
+    dump = workdir / "nll.npy"
+    result = eval_json(workdir, clean_env, demo_data, "--mode", "standard", "--max-val-tokens", 3000,
+                       "--dump-nll", dump)
+    nll = np.load(dump)
+    assert nll.shape == (result["tokens"],)
+    assert math.isclose(float(nll.astype(np.float64).mean()), result["val_loss"], rel_tol=1e-6)
+
+
+def test_info_prints_manifest_without_torch(workdir, clean_env):
+    proc = run_artifact(workdir / "artifact.py", "info", env=clean_env, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["model"]["vocab_size"] == 1024 and "metrics" in info and "provenance" in info
+    assert len(info["tokenizer_sha256"]) == 64
+
+
+def test_refuses_a_different_tokenizer_unless_forced(workdir, clean_env, demo_data, tmp_path):
+    from builder.dataset import build_dataset
+    from conftest import FIXTURE
+
+    build_dataset(FIXTURE, 1024, tmp_path / "other", val_docs=40)  # same vocab size, other training docs
+    other = tmp_path / "other" / "tokenizer.model"
+    assert other.read_bytes() != (demo_data / "tokenizer.model").read_bytes()
+    args = ("eval", "--data", demo_data, "--tokenizer", other, "--mode", "standard", "--max-val-tokens", 600)
+    refused = run_artifact(workdir / "artifact.py", *args, env=clean_env, cwd=workdir)
+    assert refused.returncode != 0 and "SHA-256" in refused.stderr and "Traceback" not in refused.stderr
+    forced = run_artifact(workdir / "artifact.py", *args, "--force-tokenizer", env=clean_env, cwd=workdir)
+    assert forced.returncode == 0, forced.stderr
+
+
+def test_unreadable_tokenizer_is_one_line(workdir, clean_env, demo_data, tmp_path):
+    bad = tmp_path / "bad.model"
+    bad.write_bytes(b"not a sentencepiece model")
+    proc = run_artifact(workdir / "artifact.py", "eval", "--data", demo_data, "--tokenizer", bad, "--force-tokenizer",
+                        env=clean_env, cwd=workdir)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_refuses_a_tokenizer_with_another_vocab(workdir, clean_env, tmp_path):
+    from builder.dataset import build_dataset
+    from conftest import FIXTURE
+
+    other = tmp_path / "other"
+    build_dataset(FIXTURE, 512, other, val_docs=5)
+    proc = run_artifact(workdir / "artifact.py", "eval", "--data", other, "--force-tokenizer", env=clean_env, cwd=workdir)
+    assert proc.returncode != 0 and "512" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _rezip(raw, edit):
+    """The same artifact with `edit(name, data) -> data` applied to each member."""
+    preamble = raw[:raw.index(b"PK\x03\x04")]
+    src = zipfile.ZipFile(io.BytesIO(raw))
+    out = io.BytesIO()
+    out.write(preamble)
+    with zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info, edit(info.filename, src.read(info.filename)))
+    return out.getvalue()
+
+
+def _damaged_copies(artifact):
+    raw = artifact.read_bytes()
+    return {
+        "truncated": raw[: len(raw) // 2],
+        "emptied-zip": raw[: raw.index(b"PK\x03\x04")],
+        "empty-file": b"",
+        "tampered-weights": _rezip(raw, lambda n, d: d[:-1] + bytes([d[-1] ^ 1]) if n.startswith("w/tok_emb") else d),
+        "tampered-manifest": _rezip(raw, lambda n, d: d.replace(b'"seed":1337', b'"seed":1338') if n == "manifest.json" else d),
+    }
+
+
+@pytest.mark.parametrize("damage", ["truncated", "emptied-zip", "tampered-weights", "tampered-manifest"])
+def test_damaged_artifacts_fail_clearly(artifact, tmp_path, clean_env, demo_data, damage):
+    path = tmp_path / "artifact.py"
+    path.write_bytes(_damaged_copies(artifact)[damage])
+    proc = run_artifact(path, "eval", "--data", demo_data, env=clean_env, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "damaged" in proc.stderr or "checksum" in proc.stderr, proc.stderr
+    if damage != "truncated":  # a truncated zip is compiled as source: Python quotes the preamble's warning line
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_checksums_are_verified_before_anything_runs(artifact, tmp_path, clean_env, demo_data):
+    from runtime.artifact import Artifact
+    from runtime.errors import PgError
+
+    for damage, raw in _damaged_copies(artifact).items():
+        path = tmp_path / f"{damage}.py"
+        path.write_bytes(raw)
+        with pytest.raises(PgError):
+            Artifact(str(path)).verify()
+
+
+def test_manifest_records_what_the_design_requires(artifact):
+    from runtime.artifact import Artifact
+
+    manifest = Artifact(str(artifact)).verify().manifest
+    assert manifest["format"] == 1
+    assert {"model", "eval", "recipe", "streams", "tensors", "tokenizer_sha256", "provenance", "metrics"} <= set(manifest)
+    assert {"seed", "steps", "train_seconds", "train_shards"} <= set(manifest["provenance"])
+    assert all(s.startswith("fineweb_train_") for s in manifest["provenance"]["train_shards"])
+    assert {"prequant_bpb", "standard_bpb", "sliding_bpb", "ttt_bpb"} <= set(manifest["metrics"])
+    for stream in manifest["streams"]:
+        assert stream["codec"] in ("brotli", "lzma")
+
+
+def test_artifact_runs_under_torchrun_like_one_process(workdir, clean_env, demo_data):
+    single = eval_json(workdir, clean_env, demo_data, "--mode", "sliding", "--max-val-tokens", 2000)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(workdir / "artifact.py"), "eval", "--data", str(demo_data), "--mode", "sliding",
+                           "--max-val-tokens", "2000", "--json"],
+                          cwd=workdir, env={**clean_env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    double = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert double["tokens"] == single["tokens"] and double["bytes"] == single["bytes"]
+    assert math.isclose(double["val_bpb"], single["val_bpb"], rel_tol=1e-6)
+
+
+def test_artifact_size_is_within_budget(packed):
+    path, summary = packed
+    assert os.path.getsize(path) == summary["bytes"] <= summary["budget_bytes"]

@@ -1,0 +1,57 @@
+"""runtime/data.py: shard validation and both directory layouts."""
+
+import numpy as np
+import pytest
+
+from runtime.data import HEADER_BYTES, SHARD_MAGIC, find_data, read_shard
+from runtime.errors import PgError
+
+
+def shard_bytes(tokens, magic=SHARD_MAGIC, version=1, count=None):
+    header = np.zeros(256, "<i4")
+    header[:3] = magic, version, len(tokens) if count is None else count
+    return header.tobytes() + np.asarray(tokens, "<u2").tobytes()
+
+
+def test_reads_a_valid_shard(tmp_path):
+    path = tmp_path / "fineweb_val_000000.bin"
+    path.write_bytes(shard_bytes([1, 5, 6, 7]))
+    assert read_shard(path).tolist() == [1, 5, 6, 7]
+    assert read_shard(path, mmap=True).tolist() == [1, 5, 6, 7]
+
+
+@pytest.mark.parametrize("raw,message", [
+    (shard_bytes([1, 2], magic=123), "magic"),
+    (shard_bytes([1, 2], version=2), "version"),
+    (shard_bytes([1, 2, 3], count=5), "does not match"),
+    (shard_bytes([1, 2, 3])[:-1], "does not match"),
+    (b"\x00" * 100, "truncated"),
+])
+def test_rejects_bad_shards(tmp_path, raw, message):
+    path = tmp_path / "fineweb_val_000000.bin"
+    path.write_bytes(raw)
+    with pytest.raises(PgError, match=message):
+        read_shard(path)
+
+
+def test_challenge_layout(tmp_path):
+    shards = tmp_path / "datasets" / "fineweb10B_sp1024"
+    shards.mkdir(parents=True)
+    (tmp_path / "tokenizers").mkdir()
+    (tmp_path / "tokenizers" / "fineweb_1024_bpe.model").write_bytes(b"x")
+    (shards / "fineweb_val_000000.bin").write_bytes(shard_bytes([1, 2]))
+    for root in (tmp_path, shards):
+        layout = find_data(str(root), 1024)
+        assert layout.tokenizer.endswith("fineweb_1024_bpe.model")
+        assert layout.shards("val")[0].endswith("fineweb_val_000000.bin")
+
+
+def test_missing_things_are_named(tmp_path):
+    with pytest.raises(PgError, match="does not exist"):
+        find_data(str(tmp_path / "nope"))
+    with pytest.raises(PgError, match="no tokenizer"):
+        find_data(str(tmp_path))
+    (tmp_path / "tokenizer.model").write_bytes(b"x")
+    with pytest.raises(PgError, match="fineweb_train"):
+        find_data(str(tmp_path)).shards("train")
+    assert HEADER_BYTES == 1024

@@ -1,0 +1,105 @@
+"""runtime/evaluate.py: byte accounting, window coverage, and the legality of every mode."""
+
+import copy
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import torch
+
+from runtime.artifact import Artifact
+from runtime.cli import load_model
+from runtime.config import EvalConfig
+from runtime.data import find_data, load_tokens
+from runtime.evaluate import byte_tables, evaluate, sliding_windows, target_bytes, trim_stream
+
+CFG = EvalConfig(seq_len=64, stride=16, batch_seqs=8, ttt_chunk_tokens=256, ttt_epochs=1, ttt_lr=0.01,
+                 ttt_batch_seqs=4)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def setup(artifact, demo_data):
+    art = Artifact(str(artifact))
+    model = load_model(art.manifest, art.read, CPU)
+    layout = find_data(str(demo_data), 1024)
+    sp = spm.SentencePieceProcessor(model_file=layout.tokenizer)
+    tokens = trim_stream(load_tokens(layout, "val", 1200), CFG.seq_len)
+    return model, tokens, byte_tables(sp, 1024), sp
+
+
+@pytest.mark.parametrize("num_positions,seq_len,stride", [(1000, 64, 16), (64, 64, 16), (1000, 64, 64), (77, 64, 5)])
+def test_sliding_windows_score_every_position_once(num_positions, seq_len, stride):
+    hits = np.zeros(num_positions, int)
+    for w in sliding_windows(num_positions, seq_len, stride):
+        assert w.length <= seq_len
+        hits[w.start + w.first:w.start + w.length] += 1
+        if w.start:
+            assert w.first >= seq_len - stride  # every scored token has the full context
+    assert (hits == 1).all()
+
+
+def test_byte_counts_follow_the_challenge(setup):
+    _, _, tables, sp = setup
+    text = "Hello world 42"
+    ids = [1] + sp.encode(text)  # BOS first: the leading space after it is free
+    counts = target_bytes(np.array(ids), tables)
+    normalized = sp.normalize(text).replace("\u2581", " ")
+    assert counts.sum() == len(normalized.encode())
+    ids2 = [1] + sp.encode("a b")
+    assert target_bytes(np.array(ids2), tables).sum() == len("a b")
+
+
+def test_stride_equal_to_seq_len_is_standard(setup):
+    model, tokens, tables, _ = setup
+    standard = evaluate(model, tokens, tables, CFG, "standard", CPU)
+    import dataclasses
+    sliding = evaluate(model, tokens, tables, dataclasses.replace(CFG, stride=CFG.seq_len), "sliding", CPU)
+    assert np.array_equal(standard.nll, sliding.nll)
+
+
+def test_sliding_beats_standard_with_more_context(setup):
+    model, tokens, tables, _ = setup
+    assert evaluate(model, tokens, tables, CFG, "sliding", CPU).val_bpb < \
+        evaluate(model, tokens, tables, CFG, "standard", CPU).val_bpb
+
+
+@pytest.mark.parametrize("mode", ["standard", "sliding", "ttt"])
+def test_causality_perturbing_the_future_leaves_past_scores(setup, mode):
+    model, tokens, tables, _ = setup
+    t = 700
+    perturbed = tokens.copy()
+    rng = np.random.default_rng(0)
+    perturbed[t + 1:] = rng.integers(4, 1024, size=len(tokens) - t - 1)
+    a = evaluate(copy.deepcopy(model), tokens, tables, CFG, mode, CPU).nll
+    b = evaluate(copy.deepcopy(model), perturbed, tables, CFG, mode, CPU).nll
+    # position p predicts token p+1 from tokens <= p: positions < t see only unchanged tokens
+    assert np.array_equal(a[:t], b[:t])
+    assert not np.array_equal(a[t:], b[t:])
+
+
+def test_ttt_scores_each_token_once_and_before_training_on_it(setup):
+    model, tokens, tables, _ = setup
+    scored = np.zeros(len(tokens) - 1, int)
+    violations = []
+
+    def on_score(a, b):
+        scored[a:b] += 1
+
+    def on_train(a, b):
+        if not (scored[a:b] == 1).all():
+            violations.append((a, b))
+
+    trained = []
+    result = evaluate(copy.deepcopy(model), tokens, tables, CFG, "ttt", CPU, on_score=on_score,
+                      on_train=lambda a, b: (trained.append((a, b)), on_train(a, b)))
+    assert (scored == 1).all() and not violations and trained
+    assert max(b for _, b in trained) <= (len(tokens) - 1) // CFG.ttt_chunk_tokens * CFG.ttt_chunk_tokens
+    assert np.isfinite(result.val_bpb)
+
+
+def test_ttt_adapts_the_model(setup):
+    model, tokens, tables, _ = setup
+    copy_ = copy.deepcopy(model)
+    evaluate(copy_, tokens, tables, CFG, "ttt", CPU)
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), copy_.parameters()))
