@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from runtime.artifact import Artifact
-from runtime.codec import decompress
+from runtime.codec import decode_streams
 
 
 def order0_bytes(symbols):
@@ -38,7 +38,7 @@ def main(path):
     size = os.path.getsize(path)
     infos = zipfile.ZipFile(path).infolist()
     payload = sum(i.compress_size for i in infos)
-    streams = [decompress(s["codec"], art.read(s["member"])) for s in manifest["streams"]]
+    streams = decode_streams(manifest, art.read)
     weights_packed = sum(len(art.read(s["member"])) for s in manifest["streams"])
 
     codes, scales, passthrough, entropy = {}, {}, {}, 0.0

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from builder.quantize import matrix_group
 from runtime.artifact import BOOTSTRAP, MANIFEST, Artifact
-from runtime.codec import decompress
+from runtime.codec import decode_streams, decompress
 from runtime.errors import PgError
 
 DEFAULT_BUDGET = 16_000_000
@@ -232,16 +232,6 @@ def entropy_bytes(raw, refs):
     return total
 
 
-def unshuffle(data, width):
-    """Undo the packer's byte shuffle (all first bytes of each `width`-byte symbol, then all
-    second bytes...), the inverse of `runtime.codec.byte_shuffle`, so that entropy is measured on
-    the symbols themselves rather than on the transposed bytes the codec saw."""
-    if len(data) % width:
-        raise PgError(f"a shuffled stream of {len(data)} bytes is not a whole number of {width}-byte symbols; "
-                      "the artifact is corrupt")
-    return np.frombuffer(data, np.uint8).reshape(width, -1).T.tobytes()
-
-
 def stream_sections(manifest, art, sections):
     """Adds the stream fields to each weight member's section; returns the decoded refs.
 
@@ -249,14 +239,13 @@ def stream_sections(manifest, art, sections):
     the manifest's is corrupt even when its checksum matched a tampered manifest."""
     by_member = {s["name"]: s for s in sections}
     refs = tensor_refs(manifest["tensors"])
-    for index, stream in enumerate(manifest["streams"]):
+    try:
+        decoded = decode_streams(manifest, art.read)
+    except PgError as e:
+        raise PgError(f"{art.path}: {e}; the artifact is corrupt") from None
+    for index, (stream, raw) in enumerate(zip(manifest["streams"], decoded)):
         section = by_member[stream["member"]]
-        raw = decompress(stream["codec"], art.read(stream["member"]))
-        if len(raw) != stream["raw_bytes"]:
-            raise PgError(f"{art.path}: stream {stream['name']} decompresses to {len(raw)} bytes, the manifest "
-                          f"says {stream['raw_bytes']}; the artifact is corrupt")
         if stream.get("shuffle"):
-            raw = unshuffle(raw, stream["shuffle"])
             section["shuffle"] = stream["shuffle"]
         mine = [r for r in refs if r.stream == index]
         if any(r.offset + r.nbytes > len(raw) for r in mine):

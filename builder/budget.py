@@ -9,12 +9,13 @@ then pack and measure again. Small steps keep the result close to the budget.
 from runtime.errors import PgError
 
 
-def fit_budget(quantizer, pack, budget, report=print):
-    """Returns (plan, artifact bytes) with len(bytes) <= budget; `pack(plan)` builds the bytes."""
+def fit_budget(quantizer, pack, budget, reserve=0, report=print):
+    """Returns (plan, artifact bytes) with len(bytes) <= budget - reserve; `pack(plan)` builds the
+    bytes. `reserve` keeps room for what the caller adds to the manifest afterwards."""
     plan = quantizer.default_plan()
     blob = pack(plan)
-    while len(blob) > budget:
-        overshoot = len(blob) - budget
+    while len(blob) > budget - reserve:
+        overshoot = len(blob) - (budget - reserve)
         saved = 0.0
         while saved < overshoot * 1.02 + 16:
             step = _cheapest_step(quantizer, plan)

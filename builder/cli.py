@@ -9,8 +9,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from builder.config import PRESETS, EvalConfig, ModelConfig, Preset, QuantConfig, TrainConfig, apply_overrides, \
-    field_docs, get_preset
+from builder.config import PRESETS, SECTIONS, Preset, apply_overrides, field_docs, get_preset
 from runtime.errors import PgError
 
 console = Console(stderr=True)
@@ -34,7 +33,7 @@ def main():
 
 def _set_help():
     lines = []
-    for section, cls in (("model", ModelConfig), ("train", TrainConfig), ("quant", QuantConfig), ("eval", EvalConfig)):
+    for section, cls in SECTIONS.items():
         lines.append(f"{section}.*: " + ", ".join(field_docs(cls)))
     return "override one field, e.g. model.num_layers=4 (repeatable; `pgbuild presets` documents each field). " \
         + "; ".join(lines)
@@ -210,13 +209,12 @@ def presets(as_json):
     if as_json:
         click.echo(json.dumps(resolved, indent=1))
         return
-    classes = {"model": ModelConfig, "train": TrainConfig, "quant": QuantConfig, "eval": EvalConfig}
     table = Table(title="presets")
     table.add_column("field")
     for name in resolved:
         table.add_column(name)
     table.add_column("meaning")
-    for section, cls in classes.items():
+    for section, cls in SECTIONS.items():
         docs = field_docs(cls)
         for field_name, doc in docs.items():
             table.add_row(f"{section}.{field_name}", *(str(resolved[p][section][field_name]) for p in resolved), doc)

@@ -13,12 +13,12 @@ import textwrap
 from dataclasses import dataclass, field, fields, replace
 from functools import cache
 
-from runtime.config import EvalConfig, ModelConfig, _Config
+from runtime.config import ConfigBase, EvalConfig, ModelConfig
 from runtime.errors import PgError
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Config):
+class TrainConfig(ConfigBase):
     seed: int = 1337
     """Seed for weight init and data order."""
     iterations: int = 20000
@@ -81,7 +81,7 @@ class TrainConfig(_Config):
 
 
 @dataclass(frozen=True)
-class QuantConfig(_Config):
+class QuantConfig(ConfigBase):
     matrix_bits: int = 6
     """Bit width of the block matrices' codes."""
     matrix_clip_k: float = 12.85
@@ -111,7 +111,7 @@ class QuantConfig(_Config):
 
 
 @dataclass(frozen=True)
-class Preset(_Config):
+class Preset(ConfigBase):
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -119,18 +119,17 @@ class Preset(_Config):
 
     @classmethod
     def from_dict(cls, values):
-        sections = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(set(values) - set(sections))
+        unknown = sorted(set(values) - set(SECTIONS))
         if unknown:
-            raise PgError(f"unknown config section(s) {', '.join(unknown)}; use {', '.join(sections)}")
-        built = {}
-        for name, sub in values.items():
-            config_cls = {"model": ModelConfig, "train": TrainConfig, "quant": QuantConfig, "eval": EvalConfig}[name]
-            built[name] = config_cls.from_dict({k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()})
-        return cls(**built)
+            raise PgError(f"unknown config section(s) {', '.join(unknown)}; use {', '.join(SECTIONS)}")
+        return cls(**{name: SECTIONS[name].from_dict({k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()})
+                      for name, sub in values.items()})
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), indent=1)
+
+
+SECTIONS = {"model": ModelConfig, "train": TrainConfig, "quant": QuantConfig, "eval": EvalConfig}
 
 
 def _tiny():
@@ -172,20 +171,21 @@ def _parse_value(text, current):
 
 
 def apply_overrides(preset, assignments):
-    """Apply `section.field=value` strings, e.g. `model.num_layers=4`, `train.iterations=50`."""
+    """Apply `section.field=value` strings, e.g. `model.num_layers=4`, `train.iterations=50`.
+    Each section is rebuilt once with all its changes, so its validation sees the final values."""
+    changes = {}
     for assignment in assignments:
         key, sep, text = assignment.partition("=")
         section, dot, name = key.strip().partition(".")
         sub = getattr(preset, section, None) if dot else None
-        if not sep or not isinstance(sub, _Config) or name not in {f.name for f in fields(sub)}:
+        if not sep or not isinstance(sub, ConfigBase) or name not in {f.name for f in fields(sub)}:
             raise PgError(f"--set {assignment!r}: expected section.field=value with a field listed by `pgbuild presets`")
         current = getattr(sub, name)
         try:
-            value = _parse_value(text.strip(), current)
+            changes.setdefault(section, {})[name] = _parse_value(text.strip(), current)
         except ValueError:
             raise PgError(f"--set {assignment!r}: {text!r} is not a valid {type(current).__name__}") from None
-        preset = replace(preset, **{section: replace(sub, **{name: value})})
-    return preset
+    return replace(preset, **{section: replace(getattr(preset, section), **values) for section, values in changes.items()})
 
 
 @cache

@@ -1,33 +1,40 @@
-"""Training batches: the 2026-04-09 record's shuffled sequence loader, over training shards only."""
+"""Training batches: shuffled seq_len+1 windows over the training shards only.
+
+Every rank runs the same seeded sampler over all shards and keeps its own slice of each global
+batch, so the sequences of a step do not depend on the world size: N processes see exactly what
+one process with N times the gradient accumulation sees (the equivalence the tests check).
+"""
 
 import numpy as np
 import torch
 
 from runtime.data import read_shard
+from runtime.errors import PgError
 
 
 class ShuffledSequences:
-    """Random seq_len+1 windows without replacement, per rank.
+    """Windows without replacement, as the 2026-04-09 record draws them.
 
-    Rank r owns shards r, r+W, ... (all shards when there are fewer than ranks). Each shard gets a
-    random phase and a permutation of its windows, and each draw picks a shard with probability
-    proportional to its remaining windows; when all are used up, a new epoch reshuffles.
+    Each shard gets a random phase and a permutation of its windows; each draw picks a shard with
+    probability proportional to its remaining windows; when all are used up, a new epoch
+    reshuffles. Shards are memory-mapped, so only the windows a rank keeps are read.
     """
 
-    def __init__(self, paths, seq_len, rank=0, world=1, seed=0):
-        owned = paths[rank::world] if len(paths) >= world else paths
-        self.shards = [read_shard(p, mmap=True) for p in owned]
-        self.paths = owned
+    def __init__(self, paths, seq_len, seed=0):
+        self.paths = list(paths)
+        self.shards = [read_shard(p, mmap=True) for p in self.paths]
         self.seq_len = seq_len
-        self.rng = np.random.Generator(np.random.PCG64([seed, rank]))
+        self.rng = np.random.Generator(np.random.PCG64(seed))
         if all(s.size <= seq_len + 1 for s in self.shards):
-            raise ValueError(f"training shards are shorter than one sequence of {seq_len} tokens")
+            raise PgError(f"training shards are shorter than one sequence of {seq_len + 1} tokens; "
+                          f"lower train.seq_len or add data")
         self._new_epoch()
 
     def _new_epoch(self):
         self.order = []
         for shard in self.shards:
-            phase = int(self.rng.integers(min(self.seq_len, max(shard.size - self.seq_len - 1, 1))))
+            spare = shard.size - self.seq_len - 1
+            phase = int(self.rng.integers(min(self.seq_len, spare) + 1)) if spare >= 0 else 0
             count = max((shard.size - phase - 1) // self.seq_len, 0)
             self.order.append(list(phase + self.seq_len * self.rng.permutation(count)))
 
@@ -37,10 +44,12 @@ class ShuffledSequences:
             self._new_epoch()
             remaining = np.array([len(o) for o in self.order], dtype=np.float64)
         shard = int(self.rng.choice(len(self.order), p=remaining / remaining.sum()))
-        start = int(self.order[shard].pop())
-        return self.shards[shard][start:start + self.seq_len + 1]
+        return shard, int(self.order[shard].pop())
 
-    def next_batch(self, num_seqs):
-        """Inputs and targets, each (num_seqs, seq_len) int64."""
-        windows = torch.from_numpy(np.stack([self._draw() for _ in range(num_seqs)]).astype(np.int64))
+    def next_batch(self, num_seqs, rank=0, world=1):
+        """Draw a global batch of num_seqs * world windows; return this rank's inputs and
+        targets, each (num_seqs, seq_len) int64."""
+        draws = [self._draw() for _ in range(num_seqs * world)][rank * num_seqs:(rank + 1) * num_seqs]
+        windows = np.stack([self.shards[s][start:start + self.seq_len + 1] for s, start in draws])
+        windows = torch.from_numpy(windows.astype(np.int64))
         return windows[:, :-1], windows[:, 1:]

@@ -9,6 +9,7 @@ import copy
 import datetime
 import hashlib
 import io
+import pickle
 import platform
 import subprocess
 from pathlib import Path
@@ -49,7 +50,7 @@ def git_commit():
 def provenance(preset, result, world):
     return {"pgbuild_commit": git_commit(), "seed": preset.train.seed, "steps": result.steps,
             "train_seconds": round(result.seconds, 1), "world_size": world, "train_shards": result.shards,
-            "torch": torch.__version__, "python": platform.python_version(),
+            "torch": str(torch.__version__), "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -66,7 +67,7 @@ def load_checkpoint(path, device):
         preset = Preset.from_dict(ckpt["preset"])
         model = GPT(preset.model)
         model.load_state_dict(ckpt["state"])
-    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as e:
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as e:
         raise PgError(f"{path}: not a readable pgbuild checkpoint ({str(e).splitlines()[0]})") from None
     return model.to(device), preset, ckpt["provenance"]
 
@@ -112,7 +113,7 @@ def quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, eval_m
             return build_artifact(quantizer.encode_all(plan), info, compressor)
 
         report("quantizing (GPTQ + SDClip) and packing")
-        plan, blob = fit_budget(quantizer, pack, qcfg.budget_bytes - METRICS_RESERVE_BYTES, report)
+        plan, blob = fit_budget(quantizer, pack, qcfg.budget_bytes, METRICS_RESERVE_BYTES, report)
     if ctx.world > 1:
         shared = [blob]
         dist.broadcast_object_list(shared, src=0)

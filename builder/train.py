@@ -5,6 +5,7 @@ on the fraction of the wallclock budget used (or of the step cap, whichever is f
 the records do, so a run ends on time whatever the hardware.
 """
 
+import contextlib
 import copy
 import os
 import time
@@ -86,35 +87,80 @@ class EMA:
         model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
 
 
+class Trainer:
+    """One model, its optimizers and its batches: `step` runs one optimizer step."""
+
+    def __init__(self, preset, layout, ctx):
+        cfg = self.cfg = preset.train
+        self.ctx = ctx
+        self.accum = micro_steps(cfg, ctx.world)
+        torch.manual_seed(cfg.seed)
+        self.model = GPT(preset.model)
+        self.model.reset_parameters()
+        self.model.to(ctx.device)
+        cuda = ctx.device.type == "cuda"
+        self.forward = torch.compile(self.model) if cuda and cfg.compile else self.model
+        if ctx.world > 1:
+            self.forward = DistributedDataParallel(self.forward, device_ids=[ctx.device] if cuda else None)
+        self.optimizers = build_optimizers(self.model, cfg)
+        self.loader = ShuffledSequences(layout.shards("train"), cfg.seq_len, cfg.seed)
+        self.seqs_per_step = self.accum * cfg.micro_batch_tokens // cfg.seq_len  # this rank's share
+        self.autocast = (torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False))
+
+    def step(self, lr_mul, momentum):
+        """Forward/backward over this rank's share of a global batch, clip, update; returns the
+        summed micro-batch losses."""
+        device = self.ctx.device
+        loss_sum = torch.zeros((), device=device)
+        inputs, targets = self.loader.next_batch(self.seqs_per_step, self.ctx.rank, self.ctx.world)
+        for micro, (x, y) in enumerate(zip(inputs.chunk(self.accum), targets.chunk(self.accum))):
+            # DDP all-reduces gradients only on the last micro-batch of the step.
+            last = not isinstance(self.forward, DistributedDataParallel) or micro == self.accum - 1
+            with (contextlib.nullcontext() if last else self.forward.no_sync()), self.autocast:
+                loss = self.forward(x.to(device, non_blocking=True), y.to(device, non_blocking=True)).mean()
+                (loss / self.accum).backward()
+            loss_sum += loss.detach()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_mul
+                if "momentum" in group:
+                    group["momentum"] = momentum
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return loss_sum
+
+    def prime_compilation(self):
+        """Compile both the plain and the looped graph before the clock starts, then roll back
+        weights and optimizer state so the warmup steps leave no trace."""
+        saved_model = copy.deepcopy(self.model.state_dict())
+        saved_opts = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
+        for looping in (False, True):
+            self.model.looping = looping
+            for _ in range(self.cfg.compile_warmup_steps):
+                self.step(1.0, self.cfg.muon_momentum_warmup_start)
+        self.model.load_state_dict(saved_model)
+        for opt, state in zip(self.optimizers, saved_opts):
+            opt.load_state_dict(state)
+        torch.cuda.synchronize()
+
+
 def train(preset, layout, ctx, report=print):
     """Train `preset.model` on `layout`'s training shards; returns the EMA model."""
     cfg, mcfg = preset.train, preset.model
-    accum = micro_steps(cfg, ctx.world)
-    torch.manual_seed(cfg.seed)
-    model = GPT(mcfg)
-    model.reset_parameters()
-    model.to(ctx.device)
-    cuda = ctx.device.type == "cuda"
-    forward = torch.compile(model) if cuda and cfg.compile else model
-    if ctx.world > 1:
-        forward = DistributedDataParallel(forward, device_ids=[ctx.device] if cuda else None)
-    optimizers = build_optimizers(model, cfg)
+    trainer = Trainer(preset, layout, ctx)
+    model = trainer.model
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    try:
-        loader = ShuffledSequences(layout.shards("train"), cfg.seq_len, ctx.rank, ctx.world, cfg.seed)
-    except ValueError as e:
-        raise PgError(str(e)) from None
-    seqs_per_micro = cfg.micro_batch_tokens // cfg.seq_len
-    autocast = torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-    if cuda and cfg.compile and cfg.compile_warmup_steps:
-        _prime_compilation(model, forward, optimizers, loader, cfg, accum, seqs_per_micro, autocast)
+    if ctx.device.type == "cuda" and cfg.compile and cfg.compile_warmup_steps:
+        trainer.prime_compilation()
 
     budget = max(cfg.max_wallclock_seconds - cfg.reserve_seconds, 1e-9)
     log, step, frac, t0 = [], 0, 0.0, time.perf_counter()
     model.looping = mcfg.num_loops > 0 and cfg.enable_looping_at <= 0
     while step < cfg.iterations and frac < 1.0:
-        loss_sum = _train_step(model, forward, optimizers, loader, cfg, accum, seqs_per_micro, autocast,
-                               lr_multiplier(frac, cfg.warmdown_frac, cfg.min_lr), muon_momentum(step, cfg))
+        lr_mul = lr_multiplier(frac, cfg.warmdown_frac, cfg.min_lr)
+        loss_sum = trainer.step(lr_mul, muon_momentum(step, cfg))
         if ema is not None:
             ema.update(model)
         step += 1
@@ -124,52 +170,13 @@ def train(preset, layout, ctx, report=print):
             model.looping = True
             report(f"step {step}: depth recurrence on ({len(mcfg.layer_order(True))} virtual layers)")
         if step % cfg.log_every == 0 or step == 1 or frac >= 1.0 or step == cfg.iterations:
-            loss = float(loss_sum) / accum
-            entry = dict(step=step, loss=round(loss, 5), lr_mul=round(lr_multiplier(frac, cfg.warmdown_frac, cfg.min_lr), 4),
+            entry = dict(step=step, loss=round(float(loss_sum) / trainer.accum, 5), lr_mul=round(lr_mul, 4),
                          looping=model.looping, seconds=round(elapsed, 2),
                          tokens_per_second=round(step * cfg.batch_tokens / elapsed))
             log.append(entry)
-            if ctx.is_main:
-                report(f"step {step} loss {loss:.4f} lr_mul {entry['lr_mul']:.3f} "
-                       f"{entry['tokens_per_second']:,} tok/s {elapsed:.1f}s")
+            report(f"step {step} loss {entry['loss']:.4f} lr_mul {lr_mul:.3f} "
+                   f"{entry['tokens_per_second']:,} tok/s {elapsed:.1f}s")
     if ema is not None:
         ema.load_into(model)
     model.looping = True
-    return TrainResult(model, step, time.perf_counter() - t0, log, [os.path.basename(p) for p in loader.paths])
-
-
-def _train_step(model, forward, optimizers, loader, cfg, accum, seqs_per_micro, autocast, lr_mul, momentum):
-    device = next(model.parameters()).device
-    loss_sum = torch.zeros((), device=device)
-    for micro in range(accum):
-        x, y = loader.next_batch(seqs_per_micro)
-        sync = not isinstance(forward, DistributedDataParallel) or micro == accum - 1
-        with (torch.enable_grad() if sync else forward.no_sync()), autocast:
-            loss = forward(x.to(device, non_blocking=True), y.to(device, non_blocking=True)).mean()
-            (loss / accum).backward()
-        loss_sum += loss.detach()
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * lr_mul
-            if "momentum" in group:
-                group["momentum"] = momentum
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return loss_sum
-
-
-def _prime_compilation(model, forward, optimizers, loader, cfg, accum, seqs_per_micro, autocast):
-    """Compile both the plain and the looped graph before the clock starts, then roll back."""
-    saved_model = copy.deepcopy(model.state_dict())
-    saved_opts = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
-    for looping in (False, True):
-        model.looping = looping
-        for _ in range(cfg.compile_warmup_steps):
-            _train_step(model, forward, optimizers, loader, cfg, accum, seqs_per_micro, autocast, 1.0,
-                        cfg.muon_momentum_warmup_start)
-    model.load_state_dict(saved_model)
-    for opt, state in zip(optimizers, saved_opts):
-        opt.load_state_dict(state)
-    torch.cuda.synchronize()
+    return TrainResult(model, step, time.perf_counter() - t0, log, [os.path.basename(p) for p in trainer.loader.paths])

@@ -72,12 +72,19 @@ def decode_tensor(entry, streams):
     return torch.from_numpy(values.reshape(shape).copy())
 
 
-def decode_state(manifest, read_member):
-    """All tensors of a manifest, as a state dict; `read_member(name)` returns a member's bytes."""
-    streams = [decompress(s["codec"], read_member(s["member"])) for s in manifest["streams"]]
-    streams = [byte_unshuffle(raw, s["shuffle"]) if s.get("shuffle") else raw
-               for s, raw in zip(manifest["streams"], streams)]
-    for s, raw in zip(manifest["streams"], streams):
+def decode_streams(manifest, read_member):
+    """Every weight stream decompressed and un-shuffled, checked against its recorded size;
+    `read_member(name)` returns a member's bytes."""
+    streams = []
+    for s in manifest["streams"]:
+        raw = decompress(s["codec"], read_member(s["member"]))
         if len(raw) != s["raw_bytes"]:
             raise PgError(f"stream {s['name']}: {len(raw)} bytes after decompression, manifest says {s['raw_bytes']}")
+        streams.append(byte_unshuffle(raw, s["shuffle"]) if s.get("shuffle") else raw)
+    return streams
+
+
+def decode_state(manifest, read_member):
+    """All tensors of a manifest, as a state dict of float32 tensors."""
+    streams = decode_streams(manifest, read_member)
     return {t["name"]: decode_tensor(t, streams) for t in manifest["tensors"]}

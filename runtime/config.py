@@ -10,7 +10,9 @@ from dataclasses import asdict, dataclass, fields
 from .errors import PgError
 
 
-class _Config:
+class ConfigBase:
+    """Dict round-trips for the frozen config dataclasses."""
+
     def to_dict(self):
         return asdict(self)
 
@@ -24,7 +26,7 @@ class _Config:
 
 
 @dataclass(frozen=True)
-class ModelConfig(_Config):
+class ModelConfig(ConfigBase):
     vocab_size: int = 8192
     """Tokenizer vocabulary size; the embedding has one row per token id."""
     num_layers: int = 11
@@ -95,7 +97,7 @@ class ModelConfig(_Config):
 
 
 @dataclass(frozen=True)
-class EvalConfig(_Config):
+class EvalConfig(ConfigBase):
     seq_len: int = 2048
     """Tokens per evaluated sequence (the training context)."""
     stride: int = 64
