@@ -71,8 +71,8 @@ def bootstrap_source(manifest_sha256):
     return minify(template).replace("@MANIFEST_SHA256@", manifest_sha256).encode()
 
 
-def stream_key(encoded):
-    """Which weight stream a tensor's payload goes to."""
+def data_stream(encoded):
+    """Which weight stream a tensor's main payload goes to: codes by group and bit width."""
     if encoded.scales is None:
         return "control.fp16"
     return f"{matrix_group(encoded.name)}.{encoded.enc}"
@@ -80,25 +80,20 @@ def stream_key(encoded):
 
 def build_streams(encoded_tensors):
     """Concatenate payloads into streams; returns (raw streams, manifest tensor entries)."""
-    raw, entries = {}, []
+    raw, refs = {}, []
 
-    def put(key, array):
-        buf = raw.setdefault(key, bytearray())
-        ref = [key, len(buf), array.nbytes]
+    def place(array, stream):
+        buf = raw.setdefault(stream, bytearray())
+        refs.append([stream, len(buf), array.nbytes])
         buf += array.tobytes()
-        return ref
+        return refs[-1]
 
-    for e in encoded_tensors:
-        entry = {"name": e.name, "shape": list(e.shape), "enc": e.enc, "data": put(stream_key(e), e.data)}
-        if e.scales is not None:
-            entry["scale"] = put("scales.fp16", e.scales)
-        entries.append(entry)
-    order = list(raw)
-    for entry in entries:  # manifest refers to streams by index
-        for field in ("data", "scale"):
-            if field in entry:
-                entry[field][0] = order.index(entry[field][0])
-    return {k: bytes(raw[k]) for k in order}, entries
+    entries = [e.manifest_entry(lambda array, stream, e=e: place(array, stream or data_stream(e)))
+               for e in encoded_tensors]
+    index = {name: i for i, name in enumerate(raw)}
+    for ref in refs:  # the manifest refers to streams by index
+        ref[0] = index[ref[0]]
+    return {k: bytes(v) for k, v in raw.items()}, entries
 
 
 class StreamCompressor:

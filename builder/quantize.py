@@ -6,7 +6,7 @@ trace((W - Q) H (W - Q)^T), the quantity the budget fitter trades against bytes.
 """
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -42,13 +42,19 @@ class Encoded:
     scales: np.ndarray = None
     """fp16 scale per row, for intB."""
     error: float = 0.0
+    extras: dict = field(default_factory=dict)
+    """Further payloads the decoder needs, {manifest key: (array, stream name)}: e.g. per-column
+    scales or low-rank factors. Each array is stored in the named stream."""
+    meta: dict = field(default_factory=dict)
+    """Small JSON fields copied into the tensor's manifest entry (e.g. a rotation block size)."""
 
     @property
     def bits(self):
         return int(self.enc[3:]) if self.enc.startswith("int") else 16
 
     def payload_bytes(self):
-        return self.data.nbytes + (0 if self.scales is None else self.scales.nbytes)
+        return self.data.nbytes + (0 if self.scales is None else self.scales.nbytes) \
+            + sum(a.nbytes for a, _ in self.extras.values())
 
     def estimated_bytes(self):
         """Order-0 entropy of the codes plus raw scales: what a good coder should approach."""
@@ -56,14 +62,33 @@ class Encoded:
             return self.data.nbytes
         _, counts = np.unique(self.data, return_counts=True)
         p = counts / counts.sum()
-        return float(-(p * np.log2(p)).sum() * self.data.size / 8 + self.scales.nbytes)
+        extras = sum(a.nbytes for a, _ in self.extras.values())
+        return float(-(p * np.log2(p)).sum() * self.data.size / 8 + self.scales.nbytes + extras)
+
+    def payloads(self):
+        """(manifest key, array, stream name) for everything this tensor stores."""
+        yield "data", self.data, None
+        if self.scales is not None:
+            yield "scale", self.scales, "scales.fp16"
+        for key, (array, stream) in self.extras.items():
+            yield key, array, stream
+
+    def manifest_entry(self, place):
+        """This tensor's manifest entry; `place(array, stream)` stores an array and returns its ref."""
+        entry = {"name": self.name, "shape": list(self.shape), "enc": self.enc, **self.meta}
+        for key, array, stream in self.payloads():
+            entry[key] = place(array, stream)
+        return entry
 
     def dequantize(self):
         """The float tensor the runtime will see, decoded by the runtime's own decoder."""
-        streams = [self.data.tobytes(), b"" if self.scales is None else self.scales.tobytes()]
-        entry = {"shape": list(self.shape), "enc": self.enc, "data": [0, 0, len(streams[0])],
-                 "scale": [1, 0, len(streams[1])]}
-        return decode_tensor(entry, streams)
+        streams = []
+
+        def place(array, _stream):
+            streams.append(array.tobytes())
+            return [len(streams) - 1, 0, array.nbytes]
+
+        return decode_tensor(self.manifest_entry(place), streams)
 
 
 @torch.no_grad()
