@@ -168,7 +168,7 @@ def tensor_group(name):
     """Which budget group a tensor counts under: the quantized matrices by the packer's own
     name patterns; embedding-like extras by name; every gain, scale and mix is `control`."""
     group = matrix_group(name)
-    if group in ("tok_emb", "lm_head") or (group is None and "emb" in name):
+    if group in ("tok_emb", "lm_head") or "emb" in name:  # also bigram_emb.* and value_emb.*
         return "embeddings"
     if group and group.startswith("attn"):
         return "attention"
@@ -183,7 +183,13 @@ def tensor_layer(name):
 
 
 def nominal_bits(enc):
-    return int(enc[3:]) if enc.startswith("int") else 16
+    """Bits per stored symbol: 'int6' -> 6, 'int8t' (int8 with one per-tensor scale) -> 8, fp16 -> 16."""
+    digits = re.match(r"int(\d+)", enc)
+    return int(digits.group(1)) if digits else 16
+
+
+SIDE_PAYLOADS = {"scale": (2, 16), "col_scale": (2, 16), "lqer_a": (1, 2), "lqer_b": (1, 4), "lqer_b_scale": (2, 16)}
+"""(symbol width in bytes, nominal bits) of the arrays a tensor entry may store beside its codes."""
 
 
 @dataclass
@@ -209,9 +215,10 @@ def tensor_refs(tensors):
         stream, offset, nbytes = t["data"]
         bits = nominal_bits(t["enc"])
         refs.append(Ref(i, stream, offset, nbytes, 1 if t["enc"].startswith("int") else 2, bits))
-        if "scale" in t:
-            stream, offset, nbytes = t["scale"]
-            refs.append(Ref(i, stream, offset, nbytes, 2, 16))
+        for key, (width, nominal) in SIDE_PAYLOADS.items():
+            if key in t:
+                stream, offset, nbytes = t[key]
+                refs.append(Ref(i, stream, offset, nbytes, width, nominal))
     return refs
 
 

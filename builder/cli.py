@@ -9,7 +9,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from builder.config import PRESETS, SECTIONS, Preset, apply_overrides, field_docs, get_preset
+from builder.config import PRESETS, RECIPES, SECTIONS, Preset, apply_overrides, apply_recipe, field_docs, \
+    get_preset, load_toml
+from builder.audit import audit, report_console
+from builder.cli_data import data
+from builder.runs import record, runs
+from builder.verify import verify
 from runtime.errors import PgError
 
 console = Console(stderr=True)
@@ -39,24 +44,19 @@ def _set_help():
         + "; ".join(lines)
 
 
-def resolve_preset(name, config_file, assignments):
+def resolve_preset(name, config_file, assignments, recipe=None):
+    """Preset, then config file, then recipe, then --set: later ones win."""
     preset = get_preset(name)
     if config_file:
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            import tomli as tomllib
-        try:
-            with open(config_file, "rb") as f:
-                table = tomllib.load(f)
-        except (OSError, ValueError) as e:
-            raise PgError(f"{config_file}: cannot read config ({e})") from None
+        table = load_toml(config_file)
         merged = preset.to_dict()
         for section, values in table.items():
             if not isinstance(values, dict):
                 raise PgError(f"{config_file}: top-level key {section!r} must be a [section] table")
             merged.setdefault(section, {}).update(values)
         preset = Preset.from_dict(merged)
+    if recipe:
+        preset = apply_recipe(preset, recipe)
     return apply_overrides(preset, assignments)
 
 
@@ -65,6 +65,15 @@ def preset_options(f):
     f = click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with [model], [train], [quant], [eval] tables")(f)
     f = click.option("--preset", default="tiny", show_default=True, type=click.Choice(list(PRESETS)), help="named configuration")(f)
     return f
+
+
+def recipe_option(default, where):
+    def decorate(f):
+        return click.option("--recipe", default=default, show_default=default is not None,
+                            metavar="|".join(RECIPES) + "|FILE.toml",
+                            help=f"quantization recipe: a named set of quant.* fields, or a TOML file of them "
+                                 f"(default: {where})")(f)
+    return decorate
 
 
 def launch_options(f):
@@ -101,18 +110,43 @@ def _check_tokenizer(layout, preset):
                       f"{preset.model.vocab_size}; pass --set model.vocab_size={sp.get_piece_size()}")
 
 
-def _train(preset, data):
+def _train(preset, data, run=None, checkpoint=None, resume=None):
+    """Train; `run` (a RunDir) gets the config, log and loss plot, `checkpoint` (a path) the
+    resumable state every train.checkpoint_every steps and at the end."""
     from builder.train import setup_context, train
 
     ctx = setup_context(preset.train.require_cuda)
     layout = _data_layout(data, preset)
     _check_tokenizer(layout, preset)
     layout.shards("val")  # fail before training, not after, if evaluation would have nothing to read
-    if ctx.is_main:
+    main_rank = ctx.is_main
+    if main_rank:
         console.print(f"[bold]training[/] on {ctx.device} x{ctx.world}: {preset.model.num_layers} layers x "
                       f"{preset.model.model_dim}, {preset.train.batch_tokens:,} tokens/step")
-    result = train(preset, layout, ctx, report=console.print if ctx.is_main else (lambda *_: None))
+        if run is not None:
+            run.write_config(preset)
+    result = train(preset, layout, ctx, report=console.print if main_rank else (lambda *_: None), resume=resume,
+                   save=_checkpoint_saver(checkpoint, preset, ctx) if checkpoint else None,
+                   on_log=run.write_log if run is not None and main_rank else None)
+    if run is not None and main_rank and not run.write_loss_plot(result.log):
+        console.print("no loss.png: matplotlib is not installed (pip install matplotlib)")
     return ctx, layout, result
+
+
+def _checkpoint_saver(path, preset, ctx):
+    from builder.pipeline import provenance, save_checkpoint
+
+    def save(trainer):
+        state = trainer.state_dict()  # every rank: it gathers Muon's momentum
+        if ctx.is_main:
+            save_checkpoint(path, trainer.final_weights(), preset, provenance(preset, trainer.result(), ctx.world),
+                            training=state)
+    return save
+
+
+def _run_dir(path):
+    from builder.rundir import RunDir
+    return RunDir(path) if path else None
 
 
 def _print_result(summary, as_json):
@@ -121,9 +155,9 @@ def _print_result(summary, as_json):
         return
     table = Table(title="artifact", show_header=False)
     for key, value in summary.items():
-        if key != "bits":
+        if key not in ("bits", "encodings", "tensors"):
             table.add_row(key, f"{value:,}" if isinstance(value, int) else str(value))
-    Console().print(table)
+    report_console().print(table)
 
 
 @main.command("train-and-pack")
@@ -134,20 +168,31 @@ def _print_result(summary, as_json):
 @click.option("--budget-bytes", type=int, help="hard cap on the artifact's size (default: quant.budget_bytes = 16,000,000)")
 @click.option("--eval-tokens", default=1_000_000, show_default=True, help="validation prefix scored at build time")
 @click.option("--eval-modes", default="standard,sliding,ttt", show_default=True, help="modes scored at build time")
+@recipe_option(None, "the preset's own quant section")
+@click.option("--run-dir", type=click.Path(file_okay=False),
+              help="folder for config.json, train_log.jsonl, loss.png and summary.json (builder/rundir.py)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
 def train_and_pack(preset, config_file, assignments, nproc_per_node, nnodes, rdzv_endpoint, data, out, budget_bytes,
-                   eval_tokens, eval_modes, as_json):
+                   eval_tokens, eval_modes, recipe, run_dir, as_json):
     """Train, quantize, fit the byte budget and write one self-contained artifact.py."""
     from builder.pipeline import provenance, quantize_and_pack
+    from builder.rundir import CHECKPOINT
 
     maybe_relaunch(nproc_per_node, nnodes, rdzv_endpoint)
-    preset = resolve_preset(preset, config_file, assignments)
+    preset_name = preset
+    preset = resolve_preset(preset, config_file, assignments, recipe)
     if budget_bytes is not None:
         preset = apply_overrides(preset, [f"quant.budget_bytes={budget_bytes}"])
-    ctx, layout, result = _train(preset, data)
+    if preset.train.checkpoint_every and not run_dir:
+        raise PgError("train.checkpoint_every needs --run-dir (the checkpoint goes to RUN_DIR/checkpoint.pt)")
+    run = _run_dir(run_dir)
+    checkpoint = run.file(CHECKPOINT) if run and preset.train.checkpoint_every else None
+    ctx, layout, result = _train(preset, data, run, checkpoint)
     summary = quantize_and_pack(result.model, preset, layout, out, ctx, provenance(preset, result, ctx.world),
                                 eval_tokens, _modes(eval_modes), report=console.print if ctx.is_main else (lambda *_: None))
     if ctx.is_main:
+        if run is not None:
+            run.write_summary(summary, preset_name)
         _print_result(summary, as_json)
 
 
@@ -165,15 +210,26 @@ def _modes(text):
 @launch_options
 @click.option("--data", required=True, type=click.Path(), help="dataset directory")
 @click.option("--out", default="checkpoint.pt", show_default=True, type=click.Path(), help="checkpoint to write")
-def train(preset, config_file, assignments, nproc_per_node, nnodes, rdzv_endpoint, data, out):
-    """Train only, writing a checkpoint for `pgbuild quantize`."""
-    from builder.pipeline import provenance, save_checkpoint
+@click.option("--resume", type=click.Path(dir_okay=False),
+              help="continue the run saved in this checkpoint (its configuration, --set may change train.* "
+                   "fields, e.g. train.iterations to extend it)")
+@click.option("--run-dir", type=click.Path(file_okay=False),
+              help="folder for config.json, train_log.jsonl and loss.png (builder/rundir.py)")
+def train(preset, config_file, assignments, nproc_per_node, nnodes, rdzv_endpoint, data, out, resume, run_dir):
+    """Train only, writing a checkpoint for `pgbuild quantize` (or `pgbuild train --resume`)."""
+    from builder.pipeline import load_training_state
 
     maybe_relaunch(nproc_per_node, nnodes, rdzv_endpoint)
-    preset = resolve_preset(preset, config_file, assignments)
-    ctx, _, result = _train(preset, data)
+    state = None
+    if resume:
+        if config_file or any(a.strip().startswith("model.") for a in assignments):
+            raise PgError("--resume takes its configuration from the checkpoint: no --config, and no --set model.*")
+        preset, state = load_training_state(resume)
+        preset = apply_overrides(preset, assignments)
+    else:
+        preset = resolve_preset(preset, config_file, assignments)
+    ctx, _, _ = _train(preset, data, _run_dir(run_dir), checkpoint=out, resume=state)
     if ctx.is_main:
-        save_checkpoint(out, result.model, preset, provenance(preset, result, ctx.world))
         console.print(f"wrote {out}")
 
 
@@ -185,20 +241,62 @@ def train(preset, config_file, assignments, nproc_per_node, nnodes, rdzv_endpoin
 @click.option("--set", "assignments", multiple=True, metavar="quant.FIELD=VALUE", help="override quantization/eval settings")
 @click.option("--eval-tokens", default=1_000_000, show_default=True, help="validation prefix scored at build time")
 @click.option("--eval-modes", default="standard,sliding,ttt", show_default=True, help="modes scored at build time")
+@recipe_option("best", "best")
+@click.option("--report", is_flag=True, help="print each tensor's encoding, bytes, bits per parameter and error")
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
-def quantize(checkpoint, data, out, budget_bytes, assignments, eval_tokens, eval_modes, as_json):
+def quantize(checkpoint, data, out, budget_bytes, assignments, eval_tokens, eval_modes, recipe, report, as_json):
     """Quantize a checkpoint, fit the budget and write the artifact, without retraining."""
     from builder.pipeline import load_checkpoint, quantize_and_pack
     from builder.train import setup_context
 
     ctx = setup_context()
     model, preset, prov = load_checkpoint(checkpoint, ctx.device)
-    preset = apply_overrides(preset, list(assignments) + ([f"quant.budget_bytes={budget_bytes}"] if budget_bytes else []))
+    preset = apply_overrides(apply_recipe(preset, recipe),
+                             list(assignments) + ([f"quant.budget_bytes={budget_bytes}"] if budget_bytes else []))
     layout = _data_layout(data, preset)
     _check_tokenizer(layout, preset)
     summary = quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, _modes(eval_modes),
                                 report=console.print)
+    if report and not as_json:
+        _print_tensor_report(summary["tensors"])
     _print_result(summary, as_json)
+
+
+def _print_tensor_report(rows):
+    table = Table(title="quantized tensors")
+    for column in ("tensor", "encoding", "bytes", "bits/param", "Hessian-weighted error"):
+        table.add_column(column, justify="left" if column in ("tensor", "encoding") else "right")
+    for row in rows:
+        table.add_row(row["name"], row["encoding"], f"{row['bytes']:,}", f"{row['bits_per_param']:.3f}",
+                      f"{row['error']:.4g}")
+    report_console().print(table)
+
+
+@main.command("eval")
+@click.option("--checkpoint", required=True, type=click.Path(), help="checkpoint from `pgbuild train`")
+@click.option("--data", required=True, type=click.Path(), help="dataset directory")
+@click.option("--mode", default="standard", show_default=True, type=click.Choice(["standard", "sliding", "ttt"]),
+              help="evaluation mode")
+@click.option("--max-val-tokens", type=int, help="score only a prefix of the validation stream")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def eval_checkpoint(checkpoint, data, mode, max_val_tokens, as_json):
+    """The unquantized model's bpb, with the artifact's own evaluation code."""
+    import sentencepiece as spm
+
+    from builder.pipeline import load_checkpoint, val_stream
+    from builder.train import setup_context
+    from runtime.evaluate import byte_tables, evaluate
+
+    ctx = setup_context()
+    model, preset, _ = load_checkpoint(checkpoint, ctx.device)
+    layout = _data_layout(data, preset)
+    _check_tokenizer(layout, preset)
+    tables = byte_tables(spm.SentencePieceProcessor(model_file=layout.tokenizer), preset.model.vocab_size)
+    result = evaluate(model.eval(), val_stream(layout, preset, max_val_tokens), tables, preset.eval, mode, ctx.device)
+    summary = result.summary()
+    click.echo(json.dumps(summary) if as_json else
+               f"mode {mode}  val_loss {summary['val_loss']:.6f}  val_bpb {summary['val_bpb']:.6f}  "
+               f"tokens {summary['tokens']}  bytes {summary['bytes']}")
 
 
 @main.command()
@@ -218,17 +316,11 @@ def presets(as_json):
         docs = field_docs(cls)
         for field_name, doc in docs.items():
             table.add_row(f"{section}.{field_name}", *(str(resolved[p][section][field_name]) for p in resolved), doc)
-    Console().print(table)
+    report_console().print(table)
 
 
-def _register_optional_commands():
-    from builder.cli_data import data
-    main.add_command(data)
-    try:
-        from builder.audit import audit
-        main.add_command(audit)
-    except ImportError:
-        pass
-
-
-_register_optional_commands()
+main.add_command(data)
+main.add_command(audit)
+main.add_command(verify)
+main.add_command(runs)
+main.add_command(record)

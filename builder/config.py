@@ -17,6 +17,10 @@ from runtime.config import ConfigBase, EvalConfig, ModelConfig
 from runtime.errors import PgError
 
 
+NEWTON_SCHULZ_NAMES = ("classic", "polar_express")
+"""Coefficient sets of builder.optim.NEWTON_SCHULZ (named here so configs load without torch)."""
+
+
 @dataclass(frozen=True)
 class TrainConfig(ConfigBase):
     seed: int = 1337
@@ -24,9 +28,15 @@ class TrainConfig(ConfigBase):
     iterations: int = 20000
     """Step cap; the wallclock cap usually ends training first."""
     max_wallclock_seconds: float = 600.0
-    """The challenge's training budget; the LR schedule runs on the fraction of it used."""
+    """The challenge's limit on training plus the stages that make the artifact's bytes (Hessians,
+    GPTQ + budget fit, compression); training gets it minus the reserve, and the LR schedule runs on
+    the fraction of that used."""
     reserve_seconds: float = 12.0
-    """Seconds kept back from the wallclock for Hessians and GPTQ."""
+    """Seconds of the limit kept back for Hessians, GPTQ + budget fit and compression (the build's
+    summary records what they took)."""
+    auto_reserve: bool = False
+    """Before the clock starts, time one calibration batch and GPTQ + compression of one matrix
+    per shape, scale up, and reserve the larger of that estimate and reserve_seconds."""
     batch_tokens: int = 786432
     """Tokens per optimizer step across all ranks."""
     micro_batch_tokens: int = 98304
@@ -45,6 +55,13 @@ class TrainConfig(ConfigBase):
     """AdamW weight decay on control tensors."""
     muon_weight_decay: float = 0.095
     """Decoupled Muon weight decay, multiplied by the scheduled LR."""
+    muon_wd_taper: bool = False
+    """Taper Muon's weight decay late in training (2026-04-18): its multiplier falls linearly
+    from 1 at muon_wd_taper_start to muon_wd_taper_final at the end."""
+    muon_wd_taper_start: float = 0.70
+    """Training fraction where the weight-decay taper begins."""
+    muon_wd_taper_final: float = 0.5
+    """Weight-decay multiplier at the end of training, with the taper on."""
     adam_betas: tuple = (0.9, 0.95)
     """AdamW betas."""
     adam_eps: float = 1e-8
@@ -64,7 +81,19 @@ class TrainConfig(ConfigBase):
     min_lr: float = 0.0
     """Floor of the LR multiplier during warmdown."""
     ema_decay: float = 0.9965
-    """EMA of all weights, updated every step; the EMA is what gets quantized. 0 disables."""
+    """EMA of all weights, updated every step; the EMA is what gets quantized (unless SWA took a
+    snapshot). 0 disables."""
+    swa_every: int = 0
+    """SWA: steps between snapshots of the weights, averaged uniformly; when it took any, the
+    SWA average (not the EMA) is what gets quantized. 0 disables."""
+    swa_start_frac: float = 0.85
+    """SWA: training fraction from which snapshots are taken (PR #456: step 4650 of ~5200)."""
+    qat_threshold: float = 0.0
+    """Late QAT: once lr_mul falls below this, the block matrices train through the export's
+    quantization grid (straight-through); the records used 0.15. 0 disables."""
+    qat_scale: str = "sdclip"
+    """Late QAT row scale: 'sdclip' (the exporter's k*std/qmax at the recipe's bits and k) or
+    'rowmax' (rowmax/qmax); codes are clamped to the export's symmetric +-qmax either way."""
     grad_clip: float = 0.3
     """Global gradient-norm clip; 0 disables."""
     enable_looping_at: float = 0.35
@@ -78,6 +107,20 @@ class TrainConfig(ConfigBase):
     """Steps between training-loss log lines."""
     require_cuda: bool = False
     """Refuse to run without a GPU (the record preset is meaningless on CPU)."""
+    checkpoint_every: int = 0
+    """Steps between resumable checkpoints (weights, optimizers, averages, data order, step,
+    clock) written over `pgbuild train --out`, or the run folder's checkpoint.pt; 0: only at the
+    end. Writing them is off the training clock."""
+
+    def __post_init__(self):
+        if self.newton_schulz_coefficients not in NEWTON_SCHULZ_NAMES:
+            raise PgError(f"train.newton_schulz_coefficients must be one of {', '.join(NEWTON_SCHULZ_NAMES)}")
+        if self.qat_scale not in ("sdclip", "rowmax"):
+            raise PgError("train.qat_scale must be 'sdclip' or 'rowmax'")
+        if not 0 <= self.muon_wd_taper_start < 1 or not 0 <= self.swa_start_frac <= 1:
+            raise PgError("train.muon_wd_taper_start must be in [0, 1) and train.swa_start_frac in [0, 1]")
+        if min(self.iterations, self.log_every) < 1 or min(self.swa_every, self.checkpoint_every) < 0:
+            raise PgError("train.iterations and train.log_every must be >= 1; swa_every and checkpoint_every >= 0")
 
 
 @dataclass(frozen=True)
@@ -85,7 +128,9 @@ class QuantConfig(ConfigBase):
     matrix_bits: int = 6
     """Bit width of the block matrices' codes."""
     matrix_clip_k: float = 12.85
-    """SDClip for matrices: row scale = k * std(row) / (2^(bits-1) - 1)."""
+    """SDClip for attention matrices: row scale = k * std(row) / (2^(bits-1) - 1)."""
+    mlp_clip_k: float = 12.85
+    """SDClip k for MLP matrices."""
     embed_bits: int = 8
     """Bit width of the token embedding's codes."""
     embed_clip_k: float = 20.0
@@ -108,6 +153,30 @@ class QuantConfig(ConfigBase):
     """Codecs tried on every weight stream; the smallest output wins."""
     budget_bytes: int = 16_000_000
     """Hard cap on the artifact file's size in bytes."""
+    hessian_clip_lambda: float = 0.0
+    """Hessian-aware SDClip: row scales grow by 1 + lambda*(r_i - 1) with r_i the row's
+    Hessian-weighted magnitude (normalized to mean 1); 0 is plain SDClip, PR #1412 used 0.175."""
+    clip_search: tuple = ()
+    """Multipliers of each tensor's clip k to try (GPTQ-lite style); the one with the least
+    Hessian-weighted error at each bit width wins. Empty: use k as given."""
+    control_int8: bool = False
+    """Store control tensors as int8 with one scale, and small matrices as int8 rows (PR #1716's
+    Path A v3), instead of fp16."""
+    allocation: str = "fit"
+    """'fit': the recipe's bit widths, lowered only where needed to fit the budget; 'rd':
+    rate-distortion allocation of bit widths (and clip k, transforms) that minimizes total
+    Hessian-weighted error for the budget."""
+    rd_bits: tuple = (3, 4, 5, 6, 7, 8)
+    """Bit widths the rate-distortion allocator may choose from."""
+    probe_tokens: int = 65536
+    """Training tokens on which the allocator measures each tensor's loss increase per unit of
+    Hessian-weighted error (one forward per tensor); 0 trusts the raw Hessian errors."""
+    transforms: tuple = ()
+    """Alternative encodings the allocator may pick per tensor: 'hadamard', 'awq'."""
+    lqer_rank: int = 0
+    """LQER: rank of the low-rank correction of the largest quantization errors; 0 disables."""
+    lqer_top: int = 3
+    """LQER: how many matrices (largest error first) get a correction."""
 
 
 @dataclass(frozen=True)
@@ -129,6 +198,46 @@ class Preset(ConfigBase):
         return json.dumps(dataclasses.asdict(self), indent=1)
 
 
+RECIPES = {
+    "r0409": dict(matrix_bits=6, matrix_clip_k=12.85, mlp_clip_k=12.85, embed_bits=8, embed_clip_k=20.0,
+                  hessian_clip_lambda=0.0, clip_search=(), control_int8=False, allocation="fit", transforms=(),
+                  lqer_rank=0),
+    "best": dict(allocation="rd", transforms=("awq",)),
+}
+"""Quantization recipes: named overrides of the `quant` section. `r0409` is the 2026-04-09
+record's (GPTQ + SDClip, int6 k=12.85 matrices, int8 k=20 embedding, fp16 passthrough); `best`
+is the combination that measured best at equal bytes (BENCHMARKS.md, quantization ablation):
+rate-distortion allocation with loss-calibrated errors, and AWQ as a per-tensor candidate."""
+
+
+def apply_recipe(preset, recipe):
+    """Apply a recipe by name, or a TOML file of quant fields (top level or a [quant] table)."""
+    if recipe in RECIPES:
+        values = RECIPES[recipe]
+    else:
+        values = load_toml(recipe)
+        values = values.get("quant", values)
+    try:
+        return replace(preset, quant=replace(preset.quant, **{k: tuple(v) if isinstance(v, list) else v
+                                                              for k, v in values.items()}))
+    except TypeError as e:
+        raise PgError(f"recipe {recipe}: {e}") from None
+
+
+def load_toml(path):
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    if not path.endswith(".toml"):
+        raise PgError(f"unknown recipe {path!r}; use one of {', '.join(RECIPES)} or a .toml file")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except (OSError, ValueError) as e:
+        raise PgError(f"{path}: cannot read ({e})") from None
+
+
 SECTIONS = {"model": ModelConfig, "train": TrainConfig, "quant": QuantConfig, "eval": EvalConfig}
 
 
@@ -140,16 +249,115 @@ def _tiny():
         train=TrainConfig(iterations=300, max_wallclock_seconds=90.0, reserve_seconds=0.0, batch_tokens=4096,
                           micro_batch_tokens=4096, seq_len=128, matrix_lr=0.03, embed_lr=0.05,
                           muon_momentum_warmup_steps=50, ema_decay=0.98, warmdown_frac=0.5, log_every=25),
-        quant=QuantConfig(calibration_batches=8, calibration_batch_tokens=4096, gptq_block=64, passthrough_max_numel=4096),
+        quant=QuantConfig(calibration_batches=8, calibration_batch_tokens=4096, gptq_block=64, passthrough_max_numel=4096,
+                          probe_tokens=16384),
         eval=EvalConfig(seq_len=128, stride=32, batch_seqs=32, ttt_chunk_tokens=4096, ttt_epochs=1,
                         ttt_lr=0.002, ttt_batch_seqs=8),
     )
 
 
+def _record():
+    """The 2026-04-09 record (seed 002, PR #1493, 1.0810 bpb): every default of the four configs is
+    this record's (TECHNIQUES.md sections 3-5); the preset only adds the GPU requirement."""
+    return Preset(train=TrainConfig(require_cuda=True))
+
+
+def _pr1716():
+    """PR #1716 (seed 001, 1.07882 bpb): the record plus BigramHash 16384 x 32 and SmearGate (gate
+    window 12) on the token embedding, with "Path A v3" quantization: control tensors int8 per
+    tensor and small matrices int8 per row (control_int8), int8 tok_emb, the BigramHash table int6
+    per row (it quantizes as a matrix).
+
+    Inferred: training settings are the record's. The seed's "Muon wd 0.085, AdamW wd 0.095" is
+    read as the record's pair (AdamW embedding 0.085, Muon 0.095), which the same extraction
+    mislabels for seed 002; its 32768 "sequence length" is read as the TTT chunk (training stays
+    at 2048). SmearGate is the BOS-masked #1667/#1855 form (the unmasked one leaks across
+    documents and is invalid)."""
+    return Preset(model=ModelConfig(bigram_buckets=16384, bigram_dim=32, smear_gate=True, gate_window=12),
+                  train=TrainConfig(require_cuda=True), quant=QuantConfig(control_int8=True))
+
+
+def _pr456():
+    """PR #456 (seed 003, non-record, 1.1532 bpb): 10 layers, 8/4 heads, MLP 3x relu^2, BigramHash
+    with 10240 buckets, SmearGate, XSA on the last 3 layers, U-Net skips, depth recurrence present
+    but off; Muon and AdamW weight decay 0.04; SWA every 50 steps from step 4650 of ~5200 (0.89);
+    warmdown 3000 of ~5200 steps (0.58); late QAT; seq 2048; sliding eval (stride 64); score-first
+    TTT over 32768-token chunks, one epoch.
+
+    Inferred (the seed does not say): vocabulary 1024 (the March records' SP1024; the score is in
+    their range), width 512, BigramHash width 128 (the 4096x128-era tables), and the March
+    baseline's QK gain 1.5, full RoPE, no layerwise LN scale, ungated skips and no EMA; the
+    record's learning rates, momentum ramp and grad clip; QAT below lr_mul 0.15 (TECHNIQUES
+    section 5). Not expressible here: its older per-dim SmearGate (the BOS-masked gate stands in),
+    int5 MLP matrices (matrix_bits covers all block matrices: 6), zstd-22 (brotli/lzma), and TTT
+    with AdamW at lr 5e-4 (the runtime's TTT is SGD; its lr stays the record's)."""
+    return Preset(
+        model=ModelConfig(vocab_size=1024, num_layers=10, mlp_mult=3.0, mlp_activation="relu2", rope_dims=64,
+                          qk_gain_init=1.5, ln_scale=False, skip_gates=False, num_loops=0, parallel_residual_start=-1,
+                          xsa_last_n=3, bigram_buckets=10240, bigram_dim=128, smear_gate=True),
+        train=TrainConfig(require_cuda=True, embed_weight_decay=0.04, scalar_weight_decay=0.04, muon_weight_decay=0.04,
+                          warmdown_frac=0.58, ema_decay=0.0, swa_every=50, swa_start_frac=0.89, qat_threshold=0.15),
+        eval=EvalConfig(ttt_epochs=1),
+    )
+
+
+def _pr1731():
+    """PR #1731 (seed 000, closed, claims 1.0785), "as far as its text says": its code was never
+    published and its results copy PR #1493's (TECHNIQUES.md rates it unverified). The text's
+    model and training are the record's: recurrence over layers 3-5 from frac 0.35, parallel
+    residuals from layer 7, QK gain 5.25, LeakyReLU(0.5)^2, partial RoPE 16/64, gated U-Net skips,
+    tied embeddings, softcap 30, EMA 0.9965, warmdown 0.72, ~588 s of training, score-first TTT
+    (SGD lr 0.005, momentum 0.9, 3 epochs, 32K chunks).
+
+    Inferred, its quantization claims mapped onto this quantizer: Hadamard rotation and AWQ as the
+    allocator's transforms; "Hessian-aware calibration" as Hessian-aware SDClip (lambda 0.175, PR
+    #1412); "layer-wise precision, int8 embeddings/attention, int6 MLP, int4 residuals" as the
+    rate-distortion choice of each tensor's bit width among 4..8."""
+    return Preset(train=TrainConfig(require_cuda=True),
+                  quant=QuantConfig(allocation="rd", rd_bits=(4, 5, 6, 7, 8), transforms=("hadamard", "awq"),
+                                    hessian_clip_lambda=0.175))
+
+
+def _baseline():
+    """The challenge's starter, openai/parameter-golf train_gpt.py ("Simple Baseline", read at
+    commit 001f9d1): 9 layers x 512, 8 heads / 4 KV heads, MLP 2x relu^2, vocab 1024, seq 1024, tied
+    embeddings (init std 0.005), full RoPE, q/k RMS norm with gain 1.5, softcap 30, resid_mix,
+    ungated U-Net skips, no recurrence, XSA, parallel residuals or LN scale; 524,288 tokens/step;
+    Muon lr 0.04, momentum 0.85 -> 0.95 over 500 steps, no weight decay; Adam lr 0.05 (tied
+    embedding) and 0.04 (scalars), betas 0.9/0.95, no weight decay; no grad clip, no EMA; 10
+    compile warmup steps; standard (non-overlapping) evaluation at 1024.
+
+    Guessed or approximated: its warmdown is the last 150 iterations, estimated from the step time;
+    warmdown_frac 0.011 assumes ~13,800 steps in 600 s (our estimate, not read from a log). Its
+    matrices start from PyTorch's default init (here orthogonal, as in every preset). It exports
+    int8 rows clipped at the 99.99984th percentile + zlib after its 600 s; here GPTQ int8 with a
+    wide SDClip (k = 20) and brotli/lzma, with no reserve (quantization follows the clock, as
+    there)."""
+    wide = 20.0
+    return Preset(
+        model=ModelConfig(vocab_size=1024, num_layers=9, mlp_mult=2.0, mlp_activation="relu2", rope_dims=64,
+                          qk_gain_init=1.5, ln_scale=False, skip_gates=False, num_loops=0, parallel_residual_start=-1,
+                          xsa_last_n=0),
+        train=TrainConfig(require_cuda=True, reserve_seconds=0.0, batch_tokens=524288, micro_batch_tokens=65536,
+                          seq_len=1024, matrix_lr=0.04, embed_lr=0.05, scalar_lr=0.04, embed_weight_decay=0.0,
+                          scalar_weight_decay=0.0, muon_weight_decay=0.0, muon_momentum=0.95,
+                          muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500, warmdown_frac=0.011,
+                          ema_decay=0.0, grad_clip=0.0, compile_warmup_steps=10),
+        quant=QuantConfig(matrix_bits=8, matrix_clip_k=wide, mlp_clip_k=wide, embed_bits=8, embed_clip_k=wide),
+        eval=EvalConfig(seq_len=1024),
+    )
+
+
 PRESETS = {
-    "record": lambda: Preset(train=TrainConfig(require_cuda=True)),
+    "record": _record,
+    "pr1716": _pr1716,
+    "pr456": _pr456,
+    "pr1731": _pr1731,
+    "baseline": _baseline,
     "tiny": _tiny,
 }
+"""Named configurations; each builder's docstring says what is read from its source and what is
+inferred. `pgbuild presets` prints them resolved."""
 
 
 def get_preset(name):
@@ -166,8 +374,17 @@ def _parse_value(text, current):
             return False
         raise ValueError(text)
     if isinstance(current, tuple):
-        return tuple(type(current[0])(part) if current else part for part in text.split(","))
+        return tuple(type(current[0])(p) if current else _guess(p) for p in text.split(",") if p)
     return type(current)(text)
+
+
+def _guess(text):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def apply_overrides(preset, assignments):

@@ -46,6 +46,18 @@ class ShuffledSequences:
         shard = int(self.rng.choice(len(self.order), p=remaining / remaining.sum()))
         return shard, int(self.order[shard].pop())
 
+    def state_dict(self):
+        """The sampler's position: RNG state and the windows left in this epoch, per shard."""
+        return {"rng": self.rng.bit_generator.state,
+                "order": [torch.tensor(o, dtype=torch.int64) for o in self.order]}
+
+    def load_state_dict(self, state):
+        if len(state["order"]) != len(self.shards):
+            raise PgError(f"the saved data order covers {len(state['order'])} training shards, "
+                          f"this dataset has {len(self.shards)}; resume with the same data")
+        self.rng.bit_generator.state = state["rng"]
+        self.order = [o.tolist() for o in state["order"]]
+
     def next_batch(self, num_seqs, rank=0, world=1):
         """Draw a global batch of num_seqs * world windows; return this rank's inputs and
         targets, each (num_seqs, seq_len) int64."""

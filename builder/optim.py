@@ -1,6 +1,7 @@
 """Muon (with MuonEq-R) for the block matrices, AdamW for the rest, and the wallclock schedule."""
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -70,17 +71,37 @@ class Muon(torch.optim.Optimizer):
                 p.add_(flat[offset:offset + p.numel()].view_as(p), alpha=-group["lr"])
                 offset += p.numel()
 
+    @torch.no_grad()
+    def gather_state(self):
+        """Give every rank every momentum buffer (each lives on the rank that owns its matrix),
+        so that rank 0's state_dict() is the whole optimizer state, as a checkpoint needs."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        world = dist.get_world_size()
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                # A missing buffer is a zero one: momentum starts from zero either way.
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                dist.broadcast(buf, src=i % world)
+
 
 def is_control(name, p):
-    """Scales, gains, mixes and skip weights: small tensors that AdamW handles better than Muon."""
-    return p.ndim < 2 or name.startswith("skip_") or name.endswith(("resid_mix", "q_gain"))
+    """Scales, gains, mixes, skip weights and gate rows (attention/smear `gate_w`, as the records
+    route `attn_gate_w`): small tensors that AdamW handles better than Muon."""
+    return p.ndim < 2 or name.startswith("skip_") or name.endswith(("resid_mix", "q_gain", "gate_w"))
+
+
+def is_embedding(name):
+    """Lookup tables (token, BigramHash, value embeddings) and an untied head: AdamW at the
+    embedding LR, as the records do; their gradients are sparse rows, which Muon would distort."""
+    return name in ("tok_emb.weight", "lm_head.weight") or name.endswith("emb.table.weight")
 
 
 def build_optimizers(model, cfg):
     """Muon on block matrices; AdamW groups for the embedding/head and the control tensors."""
     matrices, embeds, controls = [], [], []
     for name, p in model.named_parameters():
-        if name in ("tok_emb.weight", "lm_head.weight"):
+        if is_embedding(name):
             embeds.append(p)
         elif is_control(name, p):
             controls.append(p)
@@ -92,7 +113,7 @@ def build_optimizers(model, cfg):
         betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
     muon = Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay,
                 coefficients=cfg.newton_schulz_coefficients, ns_steps=cfg.newton_schulz_steps)
-    muon.param_groups[0]["base_lr"] = cfg.matrix_lr
+    muon.param_groups[0].update(base_lr=cfg.matrix_lr, base_weight_decay=cfg.muon_weight_decay)
     return [muon, adam]
 
 
@@ -106,3 +127,40 @@ def lr_multiplier(frac, warmdown_frac, min_lr):
 def muon_momentum(step, cfg):
     ramp = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps else 1.0
     return cfg.muon_momentum_warmup_start + ramp * (cfg.muon_momentum - cfg.muon_momentum_warmup_start)
+
+
+def muon_wd_multiplier(frac, cfg):
+    """The 2026-04-18 taper of Muon's weight decay: 1 until muon_wd_taper_start, then linear to
+    muon_wd_taper_final at frac = 1; always 1 when the taper is off."""
+    if not cfg.muon_wd_taper or frac <= cfg.muon_wd_taper_start:
+        return 1.0
+    progress = min((frac - cfg.muon_wd_taper_start) / (1 - cfg.muon_wd_taper_start), 1.0)
+    return 1.0 + progress * (cfg.muon_wd_taper_final - 1.0)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What the schedules prescribe for one step."""
+
+    lr_mul: float
+    """Multiplier of every group's base LR."""
+    momentum: float
+    """Muon momentum."""
+    wd_mul: float
+    """Multiplier of Muon's base weight decay."""
+
+
+def schedule_at(step, frac, cfg):
+    """The schedules at `step` (optimizer steps done) and `frac` (share of the budget used)."""
+    return Schedule(lr_multiplier(frac, cfg.warmdown_frac, cfg.min_lr), muon_momentum(step, cfg),
+                    muon_wd_multiplier(frac, cfg))
+
+
+def apply_schedule(optimizers, sched):
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * sched.lr_mul
+            if "momentum" in group:
+                group["momentum"] = sched.momentum
+            if "base_weight_decay" in group:
+                group["weight_decay"] = group["base_weight_decay"] * sched.wd_mul

@@ -2,7 +2,8 @@
 
 Quantization and packing run on rank 0; the build-time evaluation of the packed artifact runs on
 every rank (the evaluator splits the windows), using the artifact's own bytes and the runtime's
-own decoder, so the recorded figures are those of the file that gets written.
+own decoder, so the recorded figures are those of the file that gets written. Every stage is
+timed, and the summary says where the wallclock limit went (builder/timebudget.py).
 """
 
 import copy
@@ -14,13 +15,15 @@ import platform
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from builder.budget import fit_budget
+from builder.budget import allocate, fit_budget, measured_bytes
 from builder.config import Preset
 from builder.pack import StreamCompressor, build_artifact, write_atomic
-from builder.quantize import Quantizer, collect_hessians
+from builder.quantize import LossProbe, Quantizer, collect_hessians
+from builder.timebudget import Stopwatch, describe, timing_summary
 from runtime.artifact import Artifact
 from runtime.cli import load_model
 from runtime.data import load_tokens
@@ -50,15 +53,34 @@ def git_commit():
 def provenance(preset, result, world):
     return {"pgbuild_commit": git_commit(), "seed": preset.train.seed, "steps": result.steps,
             "train_seconds": round(result.seconds, 1), "world_size": world, "train_shards": result.shards,
+            "weights": result.weights, "reserve_seconds": round(result.reserve_seconds, 1),
+            "setup_seconds": round(result.setup_seconds, 1),
             "torch": str(torch.__version__), "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def save_checkpoint(path, model, preset, prov):
+def save_checkpoint(path, model, preset, prov, training=None):
+    """The weights to quantize (a model or a state dict) and, to resume training from, a
+    `Trainer.state_dict()`."""
+    weights = model.state_dict() if isinstance(model, torch.nn.Module) else model
+    ckpt = {"preset": preset.to_dict(), "state": {k: v.cpu() for k, v in weights.items()}, "provenance": prov}
+    if training is not None:
+        ckpt["training"] = training
     buf = io.BytesIO()
-    torch.save({"preset": preset.to_dict(), "state": {k: v.cpu() for k, v in model.state_dict().items()},
-                "provenance": prov}, buf)
+    torch.save(ckpt, buf)
     write_atomic(path, buf.getvalue())
+
+
+def load_training_state(path):
+    """(preset, training state) of a checkpoint to resume."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        preset = Preset.from_dict(ckpt["preset"])
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        raise PgError(f"{path}: not a readable pgbuild checkpoint ({str(e).splitlines()[0]})") from None
+    if "training" not in ckpt:
+        raise PgError(f"{path}: holds no training state to resume (written by `pgbuild train` of an older version?)")
+    return preset, ckpt["training"]
 
 
 def load_checkpoint(path, device):
@@ -103,28 +125,57 @@ def quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, eval_m
             "tokenizer_sha256": file_sha256(layout.tokenizer),
             "recipe": {"method": "gptq+sdclip", **qcfg.to_dict()}, "provenance": prov, "metrics": {}}
     blob = plan = None
+    watch = Stopwatch(train=prov.get("train_seconds", 0.0))
     if ctx.is_main:
         report("collecting Hessians from training batches")
-        hessians = collect_hessians(model, layout, qcfg, preset.train.seq_len, ctx.device, preset.train.seed)
-        quantizer = Quantizer(model.state_dict(), hessians, qcfg)
+        with watch("hessians"):
+            hessians = collect_hessians(model, layout, qcfg, preset.train.seq_len, ctx.device, preset.train.seed)
+        probe = None
+        if qcfg.allocation == "rd" and qcfg.probe_tokens:
+            probe = LossProbe(model, layout, preset.train.seq_len, qcfg.probe_tokens, ctx.device, preset.train.seed)
+        quantizer = Quantizer(model.state_dict(), hessians, qcfg, probe)
         compressor = StreamCompressor(qcfg.codecs)
 
         def pack(plan):
-            return build_artifact(quantizer.encode_all(plan), info, compressor)
+            encoded = quantizer.encode_all(plan)
+            with watch("compress"):
+                return build_artifact(encoded, info, compressor)
 
         report("quantizing (GPTQ + SDClip) and packing")
-        plan, blob = fit_budget(quantizer, pack, qcfg.budget_bytes, METRICS_RESERVE_BYTES, report)
+        fit = allocate if qcfg.allocation == "rd" else fit_budget
+        with watch("gptq", exclude="compress"):
+            plan, blob = fit(quantizer, pack, qcfg.budget_bytes, METRICS_RESERVE_BYTES, report)
     if ctx.world > 1:
         shared = [blob]
         dist.broadcast_object_list(shared, src=0)
         blob = shared[0]
     report("measuring bpb at build time")
-    info["metrics"] = measure(model, blob, layout, preset, ctx.device, eval_tokens, eval_modes)
+    with watch("eval"):
+        info["metrics"] = measure(model, blob, layout, preset, ctx.device, eval_tokens, eval_modes)
     if not ctx.is_main:
         return None
     blob = pack(plan)
+    report(describe(watch.seconds, preset.train.max_wallclock_seconds))
+    tensors = tensor_report(quantizer, plan)
     if len(blob) > qcfg.budget_bytes:
         raise PgError(f"packed artifact is {len(blob):,} bytes, over the {qcfg.budget_bytes:,}-byte budget")
     write_atomic(out, blob)
     return {"path": str(out), "bytes": len(blob), "budget_bytes": qcfg.budget_bytes,
-            "headroom": qcfg.budget_bytes - len(blob), "bits": plan, **info["metrics"]}
+            "headroom": qcfg.budget_bytes - len(blob), "bits": {n: c.bits for n, c in plan.items()},
+            "tensors": tensors, **info["metrics"], **timing_summary(watch.seconds, preset.train.max_wallclock_seconds),
+            **{k: v for k, v in prov.items() if k != "train_seconds" and not isinstance(v, (list, dict))}}
+
+
+def tensor_report(quantizer, plan):
+    """Per quantized tensor: encoding, measured bytes, bits per parameter, Hessian-weighted error."""
+    rows = []
+    for e in quantizer.encode_all(plan):
+        if e.name not in plan:
+            continue
+        choice = plan[e.name]
+        label = f"int{choice.bits} k×{choice.k_mult:g}" + (f" {choice.transform}" if choice.transform else "") \
+            + (" +lqer" if any(key.startswith("lqer") for key in e.extras) else "")
+        size = measured_bytes(e)
+        rows.append({"name": e.name, "encoding": label, "bytes": size,
+                     "bits_per_param": size * 8 / int(np.prod(e.shape)), "error": e.error})
+    return rows

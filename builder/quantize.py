@@ -5,14 +5,17 @@ which encoding each tensor starts with. `Encoded.error` is the Hessian-weighted 
 trace((W - Q) H (W - Q)^T), the quantity the budget fitter trades against bytes.
 """
 
+import copy
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from builder.loader import ShuffledSequences
 from runtime.codec import decode_tensor
+from runtime.errors import PgError
 
 MATRIX_GROUPS = {  # stream group of each quantized matrix, by parameter-name pattern
     r"tok_emb\.weight": "tok_emb",
@@ -23,6 +26,10 @@ MATRIX_GROUPS = {  # stream group of each quantized matrix, by parameter-name pa
     r"blocks\.\d+\.attn\.out\.weight": "attn_out",
     r"blocks\.\d+\.mlp\.fc\.weight": "mlp_fc",
     r"blocks\.\d+\.mlp\.proj\.weight": "mlp_proj",
+    r"bigram_emb\.table\.weight": "bigram_table",
+    r"bigram_emb\.proj\.weight": "bigram_proj",
+    r"value_emb\.table\.weight": "ve_table",
+    r"value_emb\.proj\.weight": "ve_proj",
 }
 
 
@@ -48,9 +55,6 @@ class Encoded:
     meta: dict = field(default_factory=dict)
     """Small JSON fields copied into the tensor's manifest entry (e.g. a rotation block size)."""
 
-    @property
-    def bits(self):
-        return int(self.enc[3:]) if self.enc.startswith("int") else 16
 
     def payload_bytes(self):
         return self.data.nbytes + (0 if self.scales is None else self.scales.nbytes) \
@@ -127,23 +131,68 @@ def collect_hessians(model, layout, qcfg, seq_len, device, seed):
     finally:
         for h in hooks:
             h.remove()
+    for name, module in model.named_modules():
+        # A lookup table without a Hessian (BigramHash, value embeddings, an untied tok_emb) has
+        # no input activations: the identity makes GPTQ plain rounding with SDClip scales.
+        key = name + ".weight"
+        if isinstance(module, torch.nn.Embedding) and matrix_group(key) and key not in hessians:
+            hessians[key], counts[key] = torch.eye(module.embedding_dim), 1
     return {name: (h / counts[name]).cpu() for name, h in hessians.items()}
 
 
-def sdclip_scales(w, bits, k):
-    """Per-row scale k * std(row) / qmax, rounded to fp16 as stored."""
+class LossProbe:
+    """Training loss on fixed calibration batches with one tensor swapped for a quantized version.
+
+    The Hessian-weighted error of a tensor is a second-order proxy for its effect on the loss,
+    but its scale differs from tensor to tensor (the tied embedding's, measured at the head,
+    misses its role as the input table entirely). One probe per tensor puts every tensor's error
+    in loss units, so the allocator can trade them against each other."""
+
+    def __init__(self, model, layout, seq_len, batch_tokens, device, seed):
+        loader = ShuffledSequences(layout.shards("train"), seq_len, seed=seed + 2)
+        self.x, self.y = (t.to(device) for t in loader.next_batch(max(batch_tokens // seq_len, 1)))
+        self.model = copy.deepcopy(model).float().eval()
+        self.params = dict(self.model.named_parameters())
+        self.base = self.loss()
+
+    @torch.no_grad()
+    def loss(self):
+        return float(self.model(self.x, self.y).double().mean())
+
+    @torch.no_grad()
+    def delta(self, name, weight):
+        """Loss increase with `name` replaced by `weight`."""
+        param = self.params[name]
+        original = param.detach().clone()
+        param.copy_(weight.to(param.device, param.dtype))
+        try:
+            return self.loss() - self.base
+        finally:
+            param.copy_(original)
+
+
+def sdclip_scales(w, bits, k, hessian_diag=None, clip_lambda=0.0):
+    """Per-row scale k * std(row) / qmax, rounded to fp16 as stored.
+
+    Hessian-aware SDClip (PR #1412) widens the clip of rows that matter more: by 1 + lambda*(r-1),
+    with r the row's mean |W_ij| * d_j / mean(d), d = diag(H), normalized to mean 1."""
     qmax = 2 ** (bits - 1) - 1
-    scales = (k * w.std(dim=1) / qmax).clamp_min(1e-8)
+    clip = k * w.std(dim=1)
+    if clip_lambda and hessian_diag is not None:
+        importance = (w.abs() * (hessian_diag / hessian_diag.mean().clamp_min(1e-12))[None, :]).mean(dim=1)
+        importance = importance / importance.mean().clamp_min(1e-12)
+        clip = clip * (1 + clip_lambda * (importance - 1))
+    scales = (clip / qmax).clamp_min(1e-8)
     return scales.half().clamp_min(torch.finfo(torch.float16).tiny).float()
 
 
-def gptq(w, hessian, bits, k, block=128, damp=0.01, act_order=True):
+def gptq(w, hessian, bits, k, block=128, damp=0.01, act_order=True, clip_lambda=0.0):
     """GPTQ with SDClip scales fixed up front; returns (codes int8, scales fp16-valued float)."""
     w = w.float().clone()
     h = hessian.float().clone()
     rows, cols = w.shape
     qmax = 2 ** (bits - 1) - 1
-    scales = sdclip_scales(w, bits, k)
+    scales = sdclip_scales(w, bits, k, torch.diag(h), clip_lambda)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
@@ -173,7 +222,8 @@ def hessian_error(w, w_hat, hessian):
 
 
 def encode_matrix(name, w, hessian, bits, k, qcfg):
-    codes, scales = gptq(w, hessian, bits, k, qcfg.gptq_block, qcfg.gptq_damp, qcfg.act_order)
+    codes, scales = gptq(w, hessian, bits, k, qcfg.gptq_block, qcfg.gptq_damp, qcfg.act_order,
+                         qcfg.hessian_clip_lambda)
     encoded = Encoded(name, f"int{bits}", tuple(w.shape), codes.numpy(), scales.half().numpy())
     encoded.error = hessian_error(w, encoded.dequantize(), hessian)
     return encoded
@@ -183,40 +233,109 @@ def encode_passthrough(name, t):
     return Encoded(name, "fp16", tuple(t.shape), t.detach().float().half().numpy())
 
 
-def default_bits(name, qcfg):
-    """The recipe table: int8 (k=20) embedding, int6 (k=12.85) matrices, fp16 for the rest."""
-    return (qcfg.embed_bits, qcfg.embed_clip_k) if name in ("tok_emb.weight", "lm_head.weight") \
-        else (qcfg.matrix_bits, qcfg.matrix_clip_k)
+def is_embedding(name):
+    return name in ("tok_emb.weight", "lm_head.weight")
+
+
+def recipe_bits_and_k(name, qcfg):
+    """The recipe table: int8 (k=20) embedding, int6 matrices with per-group k (attention 12.85,
+    MLP 12.85 in the 2026-04-09 record)."""
+    if is_embedding(name):
+        return qcfg.embed_bits, qcfg.embed_clip_k
+    return qcfg.matrix_bits, qcfg.mlp_clip_k if matrix_group(name).startswith("mlp") else qcfg.matrix_clip_k
 
 
 def is_quantized(name, t, qcfg):
     return matrix_group(name) is not None and t.ndim == 2 and t.numel() > qcfg.passthrough_max_numel
 
 
-class Quantizer:
-    """Encodes each tensor of a state dict, caching every (tensor, bits) encoding it computes."""
+class Choice(NamedTuple):
+    """One candidate encoding of a matrix: bit width, multiplier of the recipe's clip k, and an
+    optional transform ('hadamard', 'awq')."""
 
-    def __init__(self, state, hessians, qcfg):
+    bits: int
+    k_mult: float = 1.0
+    transform: str = None
+
+
+class Quantizer:
+    """Encodes each tensor of a state dict; every encoding it computes is cached, so allocators
+    can explore candidates freely."""
+
+    def __init__(self, state, hessians, qcfg, probe=None):
         self.state = {k: v.detach().float().cpu() for k, v in state.items()}
         self.hessians = hessians
         self.qcfg = qcfg
+        self.probe = probe
         self._cache = {}
+        self._loss_per_error = {}
+
+    def loss_per_error(self, name):
+        """Loss increase per unit of Hessian-weighted error for this tensor, measured once with a
+        coarse probe encoding (so the increase stands well above float noise); 1 without a probe."""
+        if self.probe is None:
+            return 1.0
+        if name not in self._loss_per_error:
+            coarse = self.encode(name, Choice(min(self.qcfg.rd_bits)))
+            self._loss_per_error[name] = max(self.probe.delta(name, coarse.dequantize()), 0.0) / max(coarse.error, 1e-30)
+        return self._loss_per_error[name]
 
     def quantized_names(self):
         return [n for n, t in self.state.items() if is_quantized(n, t, self.qcfg)]
 
     def default_plan(self):
-        """{tensor name: bits} for quantized tensors, from the recipe table."""
-        return {n: default_bits(n, self.qcfg)[0] for n in self.quantized_names()}
+        """{tensor name: Choice} for quantized tensors, from the recipe table."""
+        return {n: Choice(recipe_bits_and_k(n, self.qcfg)[0]) for n in self.quantized_names()}
 
-    def encode(self, name, bits=None):
-        if bits is None:
-            return encode_passthrough(name, self.state[name])
-        key = (name, bits)
+    def candidates(self, name):
+        """Every Choice the rate-distortion allocator considers for a tensor."""
+        q = self.qcfg
+        mults = q.clip_search or (1.0,)
+        choices = [Choice(b, m) for b in q.rd_bits for m in mults]
+        choices += [Choice(b, 1.0, t) for b in q.rd_bits for t in q.transforms]
+        return choices
+
+    def encode(self, name, choice=None):
+        """The tensor encoded as `choice`; None means the passthrough form."""
+        if choice is None:
+            return self._passthrough(name)
+        key = (name, choice)
         if key not in self._cache:
-            k = default_bits(name, self.qcfg)[1]
-            self._cache[key] = encode_matrix(name, self.state[name], self.hessians[name], bits, k, self.qcfg)
+            self._cache[key] = self._encode_matrix(name, choice)
         return self._cache[key]
 
+    def _encode_matrix(self, name, choice):
+        w, h = self.state[name], self.hessians[name]
+        k = recipe_bits_and_k(name, self.qcfg)[1] * choice.k_mult
+        if choice.transform is None:
+            return encode_matrix(name, w, h, choice.bits, k, self.qcfg)
+        from builder import transforms
+        if choice.transform == "hadamard":
+            return transforms.encode_hadamard(name, w, h, choice.bits, k, self.qcfg)
+        if choice.transform == "awq":
+            return transforms.encode_awq(name, w, h, choice.bits, k, self.qcfg)
+        raise PgError(f"unknown quantization transform {choice.transform!r}; use hadamard or awq")
+
+    def _passthrough(self, name):
+        t = self.state[name]
+        if not self.qcfg.control_int8:
+            return encode_passthrough(name, t)
+        from builder import transforms
+        if t.ndim == 2 and min(t.shape) > 1:
+            return transforms.encode_int8_rows(name, t)
+        return transforms.encode_int8_per_tensor(name, t)
+
     def encode_all(self, plan):
-        return [self.encode(name, plan.get(name)) for name in self.state]
+        """Every tensor of the state dict, quantized ones as `plan` says; LQER corrections, if
+        the recipe asks for them, go to the matrices whose encodings err most."""
+        encoded = {name: self.encode(name, plan.get(name)) for name in self.state}
+        if self.qcfg.lqer_rank:
+            from builder import transforms
+            worst = sorted(plan, key=lambda n: encoded[n].error, reverse=True)[:self.qcfg.lqer_top]
+            for name in worst:
+                key = (name, plan[name], "lqer")
+                if key not in self._cache:
+                    self._cache[key] = transforms.add_lqer(encoded[name], self.state[name], self.hessians[name],
+                                                           rank=self.qcfg.lqer_rank)
+                encoded[name] = self._cache[key]
+        return list(encoded.values())

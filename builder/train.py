@@ -1,8 +1,15 @@
-"""The training loop: one process or torchrun/DDP, wallclock-scheduled, EMA weights at the end.
+"""The training loop: one process or torchrun/DDP, wallclock-scheduled, averaged weights at the end.
 
-Training reads only `fineweb_train_*` shards. The LR schedule and the depth-recurrence switch run
-on the fraction of the wallclock budget used (or of the step cap, whichever is further along), as
-the records do, so a run ends on time whatever the hardware.
+Training reads only `fineweb_train_*` shards. The schedules (LR warmdown, Muon momentum and
+weight-decay taper, the depth-recurrence switch, late QAT, SWA) run on the fraction of the time
+budget used, or of the step cap, whichever is further along, as the records do, so a run ends on
+time whatever the hardware. The budget is the wallclock limit minus the reserve for the stages
+after training (builder/timebudget.py). Under DDP rank 0's clock decides for every rank, so all
+ranks follow one schedule and stop at the same step.
+
+A run can be resumed: `Trainer.state_dict()` holds the weights, the optimizer states (Muon's
+momentum gathered from the ranks that own it), the weight averages, the data order, the step, the
+elapsed seconds and the switches; `train(..., resume=state)` continues exactly where it stopped.
 """
 
 import contextlib
@@ -15,8 +22,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from builder.averaging import Averages
 from builder.loader import ShuffledSequences
-from builder.optim import build_optimizers, lr_multiplier, muon_momentum
+from builder.optim import Muon, apply_schedule, build_optimizers, schedule_at
+from builder.qat import LateQAT
 from runtime.errors import PgError
 from runtime.model import GPT
 
@@ -60,56 +69,73 @@ def micro_steps(cfg, world):
     return per_rank // cfg.micro_batch_tokens
 
 
+def from_rank0(value, ctx):
+    """Rank 0's float, on every rank (the clock that decides the schedule for all of them)."""
+    if ctx.world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=ctx.device)
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
+def to_cpu(obj):
+    """A copy of a nest of dicts/lists/tensors with every tensor on the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 @dataclass
 class TrainResult:
     model: GPT
-    """The trained model holding the EMA weights, on the training device."""
+    """The trained model holding the final (averaged) weights, on the training device."""
     steps: int
     seconds: float
+    """Training seconds on the clock, over all sessions of a resumed run."""
     log: list = field(default_factory=list)
-    """One dict per logged step: step, loss, lr_mul, looping, seconds, tokens_per_second."""
+    """One dict per logged step: step, loss, lr_mul, looping, qat, seconds, tokens_per_second."""
     shards: list = field(default_factory=list)
-
-
-class EMA:
-    """Exponential moving average of all weights, in fp32, without bias correction."""
-
-    def __init__(self, model, decay):
-        self.decay = decay
-        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model):
-        for k, v in model.state_dict().items():
-            self.shadow[k].lerp_(v.float(), 1 - self.decay)
-
-    def load_into(self, model):
-        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
+    weights: str = "last"
+    """Where the final weights came from: 'swa (N snapshots)', 'ema' or 'last'."""
+    reserve_seconds: float = 0.0
+    """Seconds of the wallclock limit kept back for the stages after training."""
+    setup_seconds: float = 0.0
+    """Off-the-clock seconds: compilation warmup and the reserve estimate."""
 
 
 class Trainer:
-    """One model, its optimizers and its batches: `step` runs one optimizer step."""
+    """One model, its optimizers, weight averages and batches: `step` runs one optimizer step."""
 
     def __init__(self, preset, layout, ctx):
         cfg = self.cfg = preset.train
-        self.ctx = ctx
+        self.preset, self.ctx = preset, ctx
         self.accum = micro_steps(cfg, ctx.world)
         torch.manual_seed(cfg.seed)
         self.model = GPT(preset.model)
         self.model.reset_parameters()
         self.model.to(ctx.device)
+        # Before compiling, so that the compiled graph holds the fake-quant path and its gate.
+        self.qat = LateQAT(self.model, preset.quant, cfg.qat_scale) if cfg.qat_threshold > 0 else None
         cuda = ctx.device.type == "cuda"
         self.forward = torch.compile(self.model) if cuda and cfg.compile else self.model
         if ctx.world > 1:
             self.forward = DistributedDataParallel(self.forward, device_ids=[ctx.device] if cuda else None)
         self.optimizers = build_optimizers(self.model, cfg)
+        self.averages = Averages(self.model, cfg)
         self.loader = ShuffledSequences(layout.shards("train"), cfg.seq_len, cfg.seed)
         self.seqs_per_step = self.accum * cfg.micro_batch_tokens // cfg.seq_len  # this rank's share
         self.autocast = (torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False))
+        self.steps, self.elapsed, self.log, self.estimate = 0, 0.0, [], None
+        self.reserve = self.setup_seconds = 0.0  # set by `train`
+        self.model.looping = preset.model.num_loops > 0 and cfg.enable_looping_at <= 0
 
-    def step(self, lr_mul, momentum):
-        """Forward/backward over this rank's share of a global batch, clip, update; returns the
-        summed micro-batch losses."""
+    def step(self, sched):
+        """Forward/backward over this rank's share of a global batch, clip, update with the
+        schedule's values; returns the summed micro-batch losses."""
         device = self.ctx.device
         loss_sum = torch.zeros((), device=device)
         inputs, targets = self.loader.next_batch(self.seqs_per_step, self.ctx.rank, self.ctx.world)
@@ -122,61 +148,156 @@ class Trainer:
             loss_sum += loss.detach()
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        apply_schedule(self.optimizers, sched)
         for opt in self.optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * lr_mul
-                if "momentum" in group:
-                    group["momentum"] = momentum
             opt.step()
             opt.zero_grad(set_to_none=True)
         return loss_sum
 
+    def switches(self, sched, frac):
+        """Turn on what the schedule calls for before the next step; returns what changed."""
+        changes = []
+        mcfg = self.preset.model
+        if mcfg.num_loops and not self.model.looping and frac >= self.cfg.enable_looping_at:
+            self.model.looping = True
+            changes.append(f"depth recurrence on ({len(mcfg.layer_order(True))} virtual layers)")
+        if self.qat is not None and not self.qat.active and sched.lr_mul < self.cfg.qat_threshold:
+            self.qat.enable()
+            changes.append(f"late QAT on ({len(self.qat.layers)} matrices, lr_mul {sched.lr_mul:.3f})")
+        return changes
+
     def prime_compilation(self):
         """Compile both the plain and the looped graph before the clock starts, then roll back
-        weights and optimizer state so the warmup steps leave no trace."""
+        weights, optimizer state and data order so the warmup steps leave no trace."""
         saved_model = copy.deepcopy(self.model.state_dict())
         saved_opts = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
-        for looping in (False, True):
-            self.model.looping = looping
+        saved_loader = copy.deepcopy(self.loader.state_dict())
+        looping = self.model.looping
+        sched = schedule_at(0, 0.0, self.cfg)
+        for loop in (False, True) if self.preset.model.num_loops else (False,):
+            self.model.looping = loop
             for _ in range(self.cfg.compile_warmup_steps):
-                self.step(1.0, self.cfg.muon_momentum_warmup_start)
+                self.step(sched)
+        self.model.looping = looping
         self.model.load_state_dict(saved_model)
         for opt, state in zip(self.optimizers, saved_opts):
             opt.load_state_dict(state)
+        self.loader.load_state_dict(saved_loader)
         torch.cuda.synchronize()
 
+    def final_weights(self):
+        return self.averages.final_weights(self.model)[0]
 
-def train(preset, layout, ctx, report=print):
-    """Train `preset.model` on `layout`'s training shards; returns the EMA model."""
-    cfg, mcfg = preset.train, preset.model
+    def result(self):
+        return TrainResult(self.model, self.steps, self.elapsed, self.log,
+                           [os.path.basename(p) for p in self.loader.paths], self.averages.source(),
+                           self.reserve, self.setup_seconds)
+
+    def state_dict(self):
+        """Everything a resumed run needs, on the CPU. Collective under DDP: call on every rank."""
+        for opt in self.optimizers:
+            if isinstance(opt, Muon):
+                opt.gather_state()
+        return to_cpu({
+            "steps": self.steps, "elapsed": self.elapsed, "looping": self.model.looping,
+            "qat": self.qat is not None and self.qat.active, "estimate": self.estimate, "log": self.log,
+            "model": self.model.state_dict(), "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "averages": self.averages.state_dict(), "loader": self.loader.state_dict()})
+
+    def load_state_dict(self, state):
+        try:
+            self.model.load_state_dict(state["model"])
+            for opt, saved in zip(self.optimizers, state["optimizers"], strict=True):
+                opt.load_state_dict(saved)
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise PgError(f"the saved training state does not fit this model ({str(e).splitlines()[0]})") from None
+        self.averages.load_state_dict(state["averages"])
+        self.loader.load_state_dict(state["loader"])
+        self.steps, self.elapsed = int(state["steps"]), float(state["elapsed"])
+        self.log, self.estimate = list(state["log"]), state["estimate"]
+        self.model.looping = bool(state["looping"])
+        if self.qat is not None:
+            self.qat.enable(bool(state["qat"]))
+
+    def finish(self):
+        """Plain layers, the final averaged weights loaded, looping on (as evaluated)."""
+        if self.qat is not None:
+            self.qat.remove()
+        self.averages.load_final_into(self.model)
+        self.model.looping = True
+
+
+def reserve_seconds(trainer, layout, report):
+    """The reserve for the post-training stages: the configured one or, with auto_reserve, the
+    larger of it and the measured estimate (taken on rank 0, shared with every rank)."""
+    cfg, ctx = trainer.cfg, trainer.ctx
+    if not cfg.auto_reserve:
+        return cfg.reserve_seconds
+    if trainer.estimate is None:
+        from builder.timebudget import estimate_post_training
+        estimate = estimate_post_training(trainer.model, layout, trainer.preset, ctx.device) if ctx.is_main else None
+        if ctx.world > 1:
+            shared = [estimate]
+            dist.broadcast_object_list(shared, src=0)
+            estimate = shared[0]
+        trainer.estimate = {k: round(v, 2) for k, v in estimate.items()}
+        report("reserve estimate: " + ", ".join(f"{k} {v:.1f} s" for k, v in trainer.estimate.items()))
+    return max(cfg.reserve_seconds, sum(trainer.estimate.values()))
+
+
+def train(preset, layout, ctx, report=print, resume=None, save=None, on_log=None):
+    """Train `preset.model` on `layout`'s training shards; returns the averaged model.
+
+    `resume`: a `Trainer.state_dict()` to continue from. `save(trainer)`: called on every rank
+    every `train.checkpoint_every` steps and once at the end, before the final weights replace the
+    trained ones. `on_log(entries)`: called with the whole log after each new entry."""
+    cfg = preset.train
+    setup_start = time.perf_counter()
     trainer = Trainer(preset, layout, ctx)
     model = trainer.model
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if resume is not None:
+        trainer.load_state_dict(resume)
+        report(f"resuming at step {trainer.steps} ({trainer.elapsed:.1f} s on the clock)")
     if ctx.device.type == "cuda" and cfg.compile and cfg.compile_warmup_steps:
         trainer.prime_compilation()
+    trainer.reserve = reserve_seconds(trainer, layout, report)
+    trainer.setup_seconds = time.perf_counter() - setup_start
 
-    budget = max(cfg.max_wallclock_seconds - cfg.reserve_seconds, 1e-9)
-    log, step, frac, t0 = [], 0, 0.0, time.perf_counter()
-    model.looping = mcfg.num_loops > 0 and cfg.enable_looping_at <= 0
-    while step < cfg.iterations and frac < 1.0:
-        lr_mul = lr_multiplier(frac, cfg.warmdown_frac, cfg.min_lr)
-        loss_sum = trainer.step(lr_mul, muon_momentum(step, cfg))
-        if ema is not None:
-            ema.update(model)
-        step += 1
-        elapsed = time.perf_counter() - t0
-        frac = max(step / cfg.iterations, elapsed / budget)
-        if mcfg.num_loops and not model.looping and frac >= cfg.enable_looping_at:
-            model.looping = True
-            report(f"step {step}: depth recurrence on ({len(mcfg.layer_order(True))} virtual layers)")
-        if step % cfg.log_every == 0 or step == 1 or frac >= 1.0 or step == cfg.iterations:
-            entry = dict(step=step, loss=round(float(loss_sum) / trainer.accum, 5), lr_mul=round(lr_mul, 4),
-                         looping=model.looping, seconds=round(elapsed, 2),
-                         tokens_per_second=round(step * cfg.batch_tokens / elapsed))
-            log.append(entry)
-            report(f"step {step} loss {entry['loss']:.4f} lr_mul {lr_mul:.3f} "
-                   f"{entry['tokens_per_second']:,} tok/s {elapsed:.1f}s")
-    if ema is not None:
-        ema.load_into(model)
-    model.looping = True
-    return TrainResult(model, step, time.perf_counter() - t0, log, [os.path.basename(p) for p in trainer.loader.paths])
+    budget = max(cfg.max_wallclock_seconds - trainer.reserve, 1e-9)
+    frac = max(trainer.steps / cfg.iterations, trainer.elapsed / budget)
+    session_start, elapsed_before = time.perf_counter(), trainer.elapsed
+    while trainer.steps < cfg.iterations and frac < 1.0:
+        sched = schedule_at(trainer.steps, frac, cfg)
+        for change in trainer.switches(sched, frac):
+            report(f"step {trainer.steps}: {change}")
+        loss_sum = trainer.step(sched)
+        trainer.steps += 1
+        trainer.elapsed = elapsed_before + from_rank0(time.perf_counter() - session_start, ctx)
+        frac = max(trainer.steps / cfg.iterations, trainer.elapsed / budget)
+        if trainer.averages.update(model, trainer.steps, frac):
+            report(f"step {trainer.steps}: SWA started (a snapshot every {cfg.swa_every} steps)")
+        done = trainer.steps >= cfg.iterations or frac >= 1.0
+        if trainer.steps % cfg.log_every == 0 or trainer.steps == 1 or done:
+            trainer.log.append(log_entry(trainer, loss_sum, sched))
+            entry = trainer.log[-1]
+            report(f"step {entry['step']} loss {entry['loss']:.4f} lr_mul {sched.lr_mul:.3f} "
+                   f"{entry['tokens_per_second']:,} tok/s {entry['seconds']:.1f}s")
+            if on_log is not None:
+                on_log(trainer.log)
+        if save is not None and cfg.checkpoint_every and trainer.steps % cfg.checkpoint_every == 0 and not done:
+            paused = time.perf_counter()
+            save(trainer)
+            session_start += time.perf_counter() - paused  # checkpoints are off the clock
+    if save is not None:
+        save(trainer)
+    result = trainer.result()
+    trainer.finish()
+    report(f"final weights: {result.weights}")
+    return result
+
+
+def log_entry(trainer, loss_sum, sched):
+    return dict(step=trainer.steps, loss=round(float(loss_sum) / trainer.accum, 5), lr_mul=round(sched.lr_mul, 4),
+                looping=trainer.model.looping, qat=trainer.qat is not None and trainer.qat.active,
+                seconds=round(trainer.elapsed, 2),
+                tokens_per_second=round(trainer.steps * trainer.cfg.batch_tokens / max(trainer.elapsed, 1e-9)))

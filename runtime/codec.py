@@ -6,13 +6,23 @@ of a decompressed stream:
 - enc "intB" (B = 2..8): int8 codes in [-(2^(B-1)-1), 2^(B-1)-1], row-major, plus one fp16 scale
   per row in a scale stream; the weight is codes * scale. Codes are stored a byte each, since
   bit-packing defeats the entropy coder more than it saves.
+- enc "int8t": int8 codes times one fp32 scale, the entry's "tensor_scale" (small control tensors).
 - enc "fp16": the values themselves.
+
+Optional fields transform the decoded matrix, in this order (builder/transforms.py writes them):
+"col_scale" (fp16 per column) divides each column, undoing an activation-aware column scaling;
+"rotate" (block size) multiplies by the block-diagonal orthonormal Hadamard matrix, which is its
+own inverse; "lqer_a"/"lqer_b" add a low-rank correction A @ B, with A int2 codes times the fp32
+"lqer_a_scale" and B int4 codes times fp16 "lqer_b_scale" per "lqer_group" columns. Every
+step is elementwise or a fixed sequence of additions, so the builder and the runtime get the same
+bits. A field this decoder does not know is an error, never ignored.
 
 Streams of fp16 values are byte-shuffled (all low bytes, then all high bytes), as the records do:
 the high bytes of similar numbers repeat, and grouping them lets the entropy coder see it.
 """
 
 import lzma
+import re
 
 import numpy as np
 import torch
@@ -58,17 +68,49 @@ def _slice(streams, ref, dtype):
     return np.frombuffer(streams[index], dtype=dtype, count=size // np.dtype(dtype).itemsize, offset=offset)
 
 
+TENSOR_FIELDS = {"name", "shape", "enc", "data", "scale", "tensor_scale", "col_scale", "rotate",
+                 "lqer_a", "lqer_b", "lqer_a_scale", "lqer_b_scale", "lqer_group"}
+
+
+def hadamard(x, block):
+    """x @ Q, for Q the orthonormal Sylvester Hadamard matrix of size `block` repeated along the
+    diagonal (block a power of two dividing x's columns); Q is symmetric and Q @ Q = I."""
+    rows, h = x.shape[0], 1
+    while h < block:  # one butterfly per bit of the column index
+        x = x.reshape(rows, -1, 2, h)
+        x = np.stack((x[:, :, 0] + x[:, :, 1], x[:, :, 0] - x[:, :, 1]), 2)
+        h *= 2
+    return x.reshape(rows, -1) * np.float32(block ** -0.5)
+
+
 def decode_tensor(entry, streams):
     """One manifest tensor entry -> float32 torch tensor."""
     shape, enc = entry["shape"], entry["enc"]
+    unknown = set(entry) - TENSOR_FIELDS
+    if unknown:
+        raise PgError(f"tensor {entry['name']}: unknown fields {sorted(unknown)}; this artifact needs a newer runtime")
+
+    def f32(key, dtype="<f2"):
+        return _slice(streams, entry[key], dtype).astype(np.float32)
+
     if enc == "fp16":
-        values = _slice(streams, entry["data"], "<f2").astype(np.float32)
-    elif enc.startswith("int"):
-        codes = _slice(streams, entry["data"], np.int8).astype(np.float32).reshape(shape[0], -1)
-        scales = _slice(streams, entry["scale"], "<f2").astype(np.float32)
-        values = codes * scales[:, None]
+        values = f32("data")
+    elif enc == "int8t":
+        values = f32("data", np.int8) * np.float32(entry["tensor_scale"])
+    elif re.fullmatch("int[2-8]", enc):
+        values = f32("data", np.int8).reshape(shape[0], -1) * f32("scale")[:, None]
     else:
-        raise PgError(f"unknown tensor encoding {enc!r}")
+        raise PgError(f"unknown tensor encoding {enc!r}; this artifact needs a newer runtime")
+    if "col_scale" in entry:
+        values = values / f32("col_scale")
+    if "rotate" in entry:
+        values = hadamard(values, entry["rotate"])
+    if "lqer_a" in entry:
+        a = f32("lqer_a", np.int8).reshape(shape[0], -1) * np.float32(entry["lqer_a_scale"])
+        b = f32("lqer_b", np.int8).reshape(a.shape[1], -1)
+        b = b * np.repeat(f32("lqer_b_scale").reshape(len(b), -1), entry["lqer_group"], 1)[:, :b.shape[1]]
+        for i in range(len(b)):  # outer products in a fixed order: the same sums on every machine
+            values = values + a[:, i, None] * b[i]
     return torch.from_numpy(values.reshape(shape).copy())
 
 

@@ -25,6 +25,10 @@ class ConfigBase:
         return cls(**values)
 
 
+MLP_ACTIVATIONS = ("leaky_relu2", "relu2", "gelu")
+ATTN_GATES = ("none", "dense", "sparse", "attn_out")
+
+
 @dataclass(frozen=True)
 class ModelConfig(ConfigBase):
     vocab_size: int = 8192
@@ -68,6 +72,30 @@ class ModelConfig(ConfigBase):
     xsa_last_n: int = 11
     """Exclusive self-attention on the last N physical layers: remove each output's component
     along its own token's value."""
+    mlp_activation: str = "leaky_relu2"
+    """MLP nonlinearity: 'leaky_relu2' (LeakyReLU(leaky_relu_slope) squared, the record), 'relu2'
+    (ReLU squared, PR #456) or 'gelu'."""
+    bigram_buckets: int = 0
+    """BigramHash: rows of a table indexed by a hash of (token, previous token), projected and added
+    to the token embedding before the norm (PR #1716: 16384); 0 disables."""
+    bigram_dim: int = 32
+    """BigramHash: width of the table (PR #1716: 32), projected to model_dim."""
+    smear_gate: bool = False
+    """SmearGate, BOS-masked (PR #1667/#1855): x_t += lambda*sigmoid(W x_t[:gate_window]) x_(t-1) on the
+    token embedding, except where token t is bos_id, so no document reads the one before it."""
+    bos_id: int = 1
+    """Token id that starts every document; SmearGate never mixes across it."""
+    attn_gate: str = "none"
+    """Per-head gate on the attention output before its projection: 'none'; 'dense' sigmoid(W x)
+    (PR #1736); 'sparse' sigmoid(0.5 W x[:gate_window]) (PR #1787, the 2026-04-27 record);
+    'attn_out' 2 sigmoid(W x[:gate_window]) (PR #1667). x is the block's normed input."""
+    gate_window: int = 12
+    """Leading residual dims read by SmearGate and the 'sparse'/'attn_out' attention gates."""
+    ve_layers: tuple = ()
+    """Value embeddings: physical layers whose attention values get a shared token embedding added
+    (the March records used 9,10); empty disables."""
+    ve_dim: int = 128
+    """Value embeddings: width of the shared table, projected to the key/value width."""
 
     def __post_init__(self):
         if self.model_dim % self.num_heads or self.num_heads % self.num_kv_heads:
@@ -78,6 +106,15 @@ class ModelConfig(ConfigBase):
             raise PgError("model: the recurrence segment must lie within the layers")
         if self.vocab_size > 65536:
             raise PgError("model: vocab_size must fit the uint16 shard format (<= 65536)")
+        if self.mlp_activation not in MLP_ACTIVATIONS or self.attn_gate not in ATTN_GATES:
+            raise PgError(f"model: mlp_activation must be in {MLP_ACTIVATIONS} and attn_gate in {ATTN_GATES}")
+        if self.bigram_buckets == 1 or self.bigram_buckets < 0 or not 0 < self.gate_window <= self.model_dim:
+            raise PgError("model: bigram_buckets must be 0 (off) or >= 2, and gate_window in 1..model_dim")
+        # `--set model.ve_layers=9,10` hands over strings and a JSON manifest a list: store ints.
+        layers = [str(s).strip() for s in self.ve_layers if str(s).strip()]
+        if not all(s.isdigit() and int(s) < self.num_layers for s in layers) or len(set(layers)) < len(layers):
+            raise PgError(f"model: ve_layers must be distinct layers in 0..{self.num_layers - 1}, got {self.ve_layers}")
+        object.__setattr__(self, "ve_layers", tuple(map(int, layers)))
 
     @property
     def head_dim(self):

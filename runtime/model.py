@@ -1,10 +1,14 @@
-"""The GPT of the 2026-04-09 record, driven by `ModelConfig`.
+"""The GPT of the 2026-04-09 record, driven by `ModelConfig`, with the other seeds' switches.
 
 Token embedding -> RMSNorm -> a U-Net of blocks (the first half pushes skips, the second half pops
 them) with depth recurrence over a middle segment -> RMSNorm -> tied head -> tanh softcap.
 Every block mixes its input with the embedding output x0 (resid_mix) and scales its normed input
 by 1/sqrt(layer+1). Attention is grouped-query with RMS-normed q/k, a learned per-head q gain,
 partial RoPE and, on the last layers, exclusive self-attention (XSA).
+
+Switches, all off in the record: BigramHash and SmearGate on the token embedding, value
+embeddings added to chosen layers' attention values, a per-head gate on the attention output,
+and the MLP's activation. Every one of them reads only the current and earlier tokens.
 """
 
 import math
@@ -41,6 +45,47 @@ def causal_attention(q, k, v):
     return y.transpose(1, 2)
 
 
+def bigram_hash(ids, buckets):
+    """The records' bucket of (token t, token t-1): (36313*t XOR 27191*prev) mod (buckets-1), in
+    int32 as they compute it; position 0 has no predecessor and gets the last bucket. A BOS token's
+    bucket still hashes the previous document's last token, as in the records: that is earlier
+    text, which this runtime's attention reads anyway."""
+    t = ids.int()
+    pairs = torch.bitwise_xor(36313 * t[:, 1:], 27191 * t[:, :-1]) % (buckets - 1)
+    return torch.cat((torch.full_like(t[:, :1], buckets - 1), pairs), 1).long()
+
+
+class ProjectedEmbedding(nn.Module):
+    """A narrow lookup table, projected up and scaled by a learned scalar (BigramHash, VE)."""
+
+    def __init__(self, rows, dim, out_dim, scale):
+        super().__init__()
+        self.table = nn.Embedding(rows, dim)
+        self.proj = nn.Linear(dim, out_dim, bias=False)
+        self.scale = nn.Parameter(torch.full((1,), scale))
+
+    def forward(self, ids):
+        h = self.proj(self.table(ids))
+        return h * self.scale.to(h.dtype)
+
+
+class SmearGate(nn.Module):
+    """x_t += lam * sigmoid(W x_t[:window]) * x_(t-1), except at BOS tokens (PR #1667 form with the
+    #1855 fix): unmasked, a document's first token would read the previous document's last one."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.bos_id = cfg.bos_id
+        self.gate_w = nn.Parameter(torch.zeros(1, cfg.gate_window))
+        self.lam = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, ids):
+        cur = x[:, 1:]
+        gate = self.lam.to(x.dtype) * torch.sigmoid(F.linear(cur[..., :self.gate_w.size(1)], self.gate_w.to(x.dtype)))
+        gate = gate * (ids[:, 1:, None] != self.bos_id).to(x.dtype)
+        return torch.cat((x[:, :1], cur + gate * x[:, :-1]), 1)
+
+
 class Rotary(nn.Module):
     """Half-split rotary encoding of the first `dims` channels of each head."""
 
@@ -72,12 +117,23 @@ class Attention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
         self.rotary = Rotary(cfg.rope_dims, cfg.rope_base)
         self.xsa = xsa
+        self.gate = cfg.attn_gate
+        if self.gate != "none":
+            width = cfg.model_dim if self.gate == "dense" else cfg.gate_window
+            self.gate_w = nn.Parameter(torch.zeros(cfg.num_heads, width))
 
-    def forward(self, x):
+    def head_gates(self, x):
+        """(B, T, H) multipliers: dense sigmoid(Wx), sparse sigmoid(Wx/2), attn_out 2 sigmoid(Wx);
+        the last two read only x's first gate_window dims."""
+        z = F.linear(x[..., :self.gate_w.size(1)], self.gate_w.to(x.dtype))
+        return 2 * torch.sigmoid(z) if self.gate == "attn_out" else torch.sigmoid(z / 2 if self.gate == "sparse" else z)
+
+    def forward(self, x, ve=None):
         B, T, _ = x.shape
         q = self.q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v = self.v(x)
+        v = (v if ve is None else v + ve.to(v.dtype)).view(B, T, self.num_kv_heads, self.head_dim)
         q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[:, None]
         k = self.rotary(rms_norm(k))
         y = causal_attention(q, k, v)
@@ -86,6 +142,9 @@ class Attention(nn.Module):
             y = y.view(B, T, self.num_kv_heads, -1, self.head_dim)
             v_hat = F.normalize(v, dim=-1).unsqueeze(3)
             y = y - (y * v_hat).sum(-1, keepdim=True) * v_hat
+        y = y.reshape(B, T, self.num_heads, self.head_dim)
+        if self.gate != "none":
+            y = y * self.head_gates(x)[..., None]
         return self.out(y.reshape(B, T, -1))
 
 
@@ -94,10 +153,12 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = nn.Linear(cfg.model_dim, cfg.mlp_dim, bias=False)
         self.proj = nn.Linear(cfg.mlp_dim, cfg.model_dim, bias=False)
-        self.slope = cfg.leaky_relu_slope
+        self.act = cfg.mlp_activation
+        self.slope = cfg.leaky_relu_slope if self.act == "leaky_relu2" else 0.0  # relu2 is slope 0
 
     def forward(self, x):
-        return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
+        h = self.fc(x)
+        return self.proj(F.gelu(h) if self.act == "gelu" else F.leaky_relu(h, self.slope).square())
 
 
 class Block(nn.Module):
@@ -108,16 +169,18 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
+        self.ve_scale = nn.Parameter(torch.ones(1)) if layer in cfg.ve_layers else None
         self.norm_scale = 1 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
         self.parallel = 0 <= cfg.parallel_residual_start <= layer
 
-    def forward(self, x, x0):
+    def forward(self, x, x0, ve=None):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         h = rms_norm(x) * self.norm_scale
+        a = self.attn(h, None if self.ve_scale is None else ve * self.ve_scale.to(ve.dtype))
         if self.parallel:
-            return x + self.attn_scale.to(x.dtype) * self.attn(h) + self.mlp_scale.to(x.dtype) * self.mlp(h)
-        x = x + self.attn_scale.to(x.dtype) * self.attn(h)
+            return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * self.mlp(h)
+        x = x + self.attn_scale.to(x.dtype) * a
         return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
 
 
@@ -126,6 +189,11 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.bigram_emb = (ProjectedEmbedding(cfg.bigram_buckets, cfg.bigram_dim, cfg.model_dim, 0.05)
+                           if cfg.bigram_buckets else None)
+        self.smear = SmearGate(cfg) if cfg.smear_gate else None
+        self.value_emb = (ProjectedEmbedding(cfg.vocab_size, cfg.ve_dim, cfg.num_kv_heads * cfg.head_dim, 0.1)
+                          if cfg.ve_layers else None)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         num_skips = max(len(cfg.layer_order(looping)) // 2 for looping in (False, True))
         self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim))
@@ -135,25 +203,38 @@ class GPT(nn.Module):
         self.looping = True  # training turns recurrence on part-way; evaluation always loops
 
     def reset_parameters(self):
-        """The record's init: orthogonal matrices, zeroed output projections, small embeddings."""
-        nn.init.normal_(self.tok_emb.weight, std=self.cfg.embed_init_std)
+        """The records' init: orthogonal matrices (and embedding projections), zeroed output
+        projections and BigramHash table, N(0, 0.01) value-embedding table and dense gates, small
+        token embeddings. Scales, mixes and the other gates keep their constructor values."""
+        dense_gates = self.cfg.attn_gate == "dense"
         for name, p in self.named_parameters():
-            if name.endswith(("attn.out.weight", "mlp.proj.weight")):
+            big_matrix = p.ndim == 2 and min(p.shape) >= 64 and not name.endswith(("table.weight", "gate_w"))
+            if name == "tok_emb.weight":
+                nn.init.normal_(p, std=self.cfg.embed_init_std)
+            elif name.endswith(("attn.out.weight", "mlp.proj.weight", "lm_head.weight", "bigram_emb.table.weight")):
                 nn.init.zeros_(p)
-            elif p.ndim == 2 and min(p.shape) >= 64 and name != "tok_emb.weight":
+            elif name == "value_emb.table.weight" or dense_gates and name.endswith("attn.gate_w"):
+                nn.init.normal_(p, std=0.01)
+            elif big_matrix or name.endswith("emb.proj.weight"):
+                # The records zero projections narrower than 64, which with a zero table would
+                # never get a gradient; an orthogonal projection of any width lets the table learn.
                 nn.init.orthogonal_(p)
-        if self.lm_head is not None:
-            nn.init.zeros_(self.lm_head.weight)
 
     def forward(self, ids, targets=None):
         """Softcapped logits (B, T, vocab) for token ids (B, T); with `targets`, the per-token
         negative log-likelihood in nats (B, T) from a full softmax over the vocabulary."""
-        x = x0 = rms_norm(self.tok_emb(ids))
+        x = self.tok_emb(ids)
+        if self.bigram_emb is not None:
+            x = x + self.bigram_emb(bigram_hash(ids, self.cfg.bigram_buckets))
+        if self.smear is not None:
+            x = self.smear(x, ids)
+        x = x0 = rms_norm(x)
+        ve = None if self.value_emb is None else self.value_emb(ids)
         order = self.cfg.layer_order(self.looping)
         num_encoder = len(order) // 2
         skips = []
         for layer in order[:num_encoder]:
-            x = self.blocks[layer](x, x0)
+            x = self.blocks[layer](x, x0, ve)
             skips.append(x)
         for j, layer in enumerate(order[num_encoder:]):
             if skips:
@@ -162,7 +243,7 @@ class GPT(nn.Module):
                     x = x + skip
                 else:
                     x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
-            x = self.blocks[layer](x, x0)
+            x = self.blocks[layer](x, x0, ve)
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(self.final_norm(x), head.to(x.dtype)).float()
         cap = self.cfg.logit_softcap

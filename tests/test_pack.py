@@ -10,7 +10,7 @@ import torch
 
 from builder.config import QuantConfig
 from builder.pack import PREAMBLE, StreamCompressor, build_artifact, minify, runtime_sources, write_atomic
-from builder.quantize import Quantizer
+from builder.quantize import Choice, Quantizer
 from runtime.artifact import Artifact
 from runtime.codec import decode_state
 from runtime.errors import PgError
@@ -28,7 +28,7 @@ def quantized():
              "blocks.0.attn_scale": torch.rand(64, generator=g)}
     quantizer = Quantizer(state, {n: torch.eye(64) for n in state}, QuantConfig(passthrough_max_numel=1000))
     plan = quantizer.default_plan()
-    plan["blocks.1.mlp.fc.weight"] = 5
+    plan["blocks.1.mlp.fc.weight"] = Choice(5)
     return quantizer.encode_all(plan)
 
 

@@ -1,0 +1,158 @@
+"""bench/gpu.py: the whole benchmark on CPU at tiny size, and its FLOP count against hand counts."""
+
+import dataclasses
+import importlib.util
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from builder.config import get_preset
+from conftest import ROOT
+from runtime.model import GPT
+
+SCRIPT = ROOT / "bench" / "gpu.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = load_bench()
+
+
+def run_bench(*args):
+    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def cpu_run(demo_data, tmp_path_factory):
+    """The tiny CPU run; 1024-token TTT chunks so that TTT trains on the 2000 eval tokens."""
+    out = tmp_path_factory.mktemp("bench") / "gpu.json"
+    proc = run_bench("--data", demo_data, "--preset", "tiny", "--steps", 4, "--eval-tokens", 2000,
+                     "--set", "eval.ttt_chunk_tokens=1024", "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout, json.loads(out.read_text())
+
+
+def test_cpu_run_prints_every_row(cpu_run):
+    table, _ = cpu_run
+    assert table.splitlines()[0] == "| part | measurement | value | notes |"
+    for phase in ("train, plain (4 layers)", "train, looped (6 virtual layers)"):
+        for measurement in ("tokens/s", "ms/step", "model FLOPs/token (fwd+bwd)", "TFLOP/s, MFU", "peak memory",
+                            "vs record per GPU"):
+            assert f"| {phase} | {measurement} |" in table
+    for part in ("eval, sliding (stride 32)", "eval, score-first TTT (1024-token chunks, 1 epochs)"):
+        for label in ("runtime.evaluate", "record's way"):
+            assert f"| {part} | {label} |" in table
+    for check in ("bf16 autocast vs fp32", "flash-attn vs SDPA", "compiled vs eager"):
+        assert f"| check | {check}" in table
+    assert "torch 2." in table and "| run | date, torch, device |" in table
+
+
+def test_cpu_run_json_matches_the_table_and_the_evaluators_agree(cpu_run):
+    table, payload = cpu_run
+    rows = payload["rows"]
+    assert len(table.splitlines()) == len(rows) + 2
+    assert payload["facts"]["torch"] and payload["facts"]["device"].startswith("CPU")
+    flops = {r["part"]: r["value"] for r in rows if r["measurement"] == "model FLOPs/token (fwd+bwd)"}
+    assert flops == {"train, plain (4 layers)": 5_508_096, "train, looped (6 virtual layers)": 7_868_928}
+    evals = {(r["part"].split(" (")[0], r["measurement"]): r["value"] for r in rows if r["part"].startswith("eval")}
+    for mode in ("eval, sliding", "eval, score-first TTT"):
+        ours, record = evals[(mode, "runtime.evaluate")], evals[(mode, "record's way")]
+        assert ours["tokens"] == record["tokens"] == 1920  # 2000 tokens trimmed to 15 x 128
+        # The same computation in fp32 on CPU: the record's loops and runtime.evaluate must agree.
+        assert ours["bpb"] == pytest.approx(record["bpb"], abs=1e-4)
+    sliding, ttt = evals[("eval, sliding", "runtime.evaluate")], evals[("eval, score-first TTT", "runtime.evaluate")]
+    assert ttt["bpb"] != sliding["bpb"]  # TTT did train between chunks
+    bf16 = next(r["value"] for r in rows if r["measurement"].startswith("bf16 autocast vs fp32"))
+    assert 0 < bf16 < 0.05
+
+
+def test_flops_of_a_plain_model_by_hand():
+    """tiny without recurrence: 4 layers, d=128, 4 heads of 32, 2 KV heads, MLP 512, vocab 1024, T=128."""
+    cfg = dataclasses.replace(get_preset("tiny").model, num_loops=0)
+    q = out = 128 * 128
+    k = v = 128 * 64
+    fc = proj = 128 * 512
+    linear = 2 * (q + k + v + out + fc + proj)  # per layer per token
+    # causal: over a 128-token sequence, 128*129/2 (query, key) pairs per head, each 32 multiply-adds
+    # in QK^T and 32 in AV, i.e. 2 * 2 * 32 FLOPs.
+    attention = 4 * (2 * 2 * 32) * (128 * 129 // 2) / 128
+    head = 2 * 128 * 1024
+    forward = 4 * (linear + attention) + head
+    assert bench.forward_flops_per_token(cfg, 128, looping=True) == forward == 1_836_032
+    assert bench.train_flops_per_token(cfg, 128, looping=True) == 3 * forward
+
+
+def test_flops_with_recurrence_count_each_pass():
+    """tiny loops layers 1..2 once more once looping is on: 6 virtual layers instead of 4."""
+    cfg = get_preset("tiny").model
+    per_layer = 2 * (128 * 128 * 2 + 128 * 64 * 2 + 128 * 512 * 2) + 2 * 2 * 32 * 4 * 129 // 2
+    head = 2 * 128 * 1024
+    assert bench.forward_flops_per_token(cfg, 128, looping=False) == 4 * per_layer + head
+    assert bench.forward_flops_per_token(cfg, 128, looping=True) == 6 * per_layer + head == 2_622_976
+
+
+@pytest.mark.parametrize("preset,seq_len", [("tiny", 128), ("record", 2048)])
+def test_linear_flops_match_the_built_models_weights(preset, seq_len):
+    """Cross-check the config arithmetic against the matrices a built GPT holds, visited in its
+    execution order (a looped block once per pass)."""
+    cfg = get_preset(preset).model
+    model = GPT(cfg)
+    for looping in (False, True):
+        order = cfg.layer_order(looping)
+        weights = sum(model.blocks[i].get_submodule(name).weight.numel() for i in order
+                      for name in ("attn.q", "attn.k", "attn.v", "attn.out", "mlp.fc", "mlp.proj"))
+        attention = len(order) * 2 * cfg.num_heads * cfg.head_dim * (seq_len + 1)
+        expected = 2 * weights + attention + 2 * model.tok_emb.weight.numel()
+        assert bench.forward_flops_per_token(cfg, seq_len, looping) == expected
+
+
+def test_record_flops_and_peak_lookup():
+    cfg = get_preset("record").model
+    assert bench.train_flops_per_token(cfg, 2048, looping=False) == 284_722_176
+    assert bench.train_flops_per_token(cfg, 2048, looping=True) == 426_298_368
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert bench.peak_tflops("NVIDIA H200") == 989.0
+    assert bench.peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bench.peak_tflops("Some Other GPU") is None
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3", override=500.0) == 500.0
+
+
+def test_time_limit_skips_measurements_but_still_prints_the_table(demo_data):
+    proc = run_bench("--data", demo_data, "--preset", "tiny", "--steps", 2, "--eval-tokens", 600,
+                     "--parts", "eval,checks", "--time-limit", 0)
+    assert proc.returncode == 0, proc.stderr
+    assert "| eval, sliding (stride 32) | runtime.evaluate | skipped |" in proc.stdout
+    assert "| check | bf16 vs fp32 | skipped |" in proc.stdout
+    assert "freshly initialized" in proc.stdout
+
+
+def test_sigterm_still_prints_the_rows_measured_so_far(demo_data, tmp_path):
+    """The device tool ends an overlong command with SIGTERM: the table must still come out."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--data", str(demo_data), "--preset", "tiny", "--steps", "2",
+                             "--parts", "train", "--json", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "| tokens/s |" in line:  # the first phase is measured; stop it somewhere after that
+            proc.send_signal(signal.SIGTERM)
+            break
+    stdout, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 1
+    assert "| train, plain (4 layers) | tokens/s |" in stdout and "| run | interrupted | signal 15 |" in stdout
+    assert json.loads(out.read_text())["rows"][-1]["measurement"] == "interrupted"
+
+
+def test_bad_input_is_one_error_line(demo_data, tmp_path):
+    proc = run_bench("--data", demo_data, "--preset", "tiny", "--parts", "train,bogus")
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --parts: unknown part(s) bogus"
+    proc = run_bench("--data", tmp_path / "missing", "--preset", "tiny")
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: ") and "does not exist" in proc.stderr
