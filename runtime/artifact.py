@@ -1,0 +1,53 @@
+"""Reading an artifact: a text preamble followed by a zip archive.
+
+Members: `__main__.py` (the bootstrap, which holds the manifest's SHA-256), `manifest.json`
+(which holds the SHA-256 of every other member), `runtime.xz` and the weight streams `w/*`.
+Everything is checked against those digests before it is used.
+"""
+
+import hashlib
+import json
+import re
+import zipfile
+
+from .errors import PgError
+
+BOOTSTRAP = "__main__.py"
+MANIFEST = "manifest.json"
+MANIFEST_DIGEST = re.compile(rb"MANIFEST_SHA256 = ['\"]([0-9a-f]{64})")
+
+
+class Artifact:
+    """A verified view of an artifact file; members are read on demand."""
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            self.zip = zipfile.ZipFile(path)
+            bootstrap = self.zip.read(BOOTSTRAP)
+            raw_manifest = self.zip.read(MANIFEST)
+        except (OSError, zipfile.BadZipFile, KeyError, EOFError) as e:
+            raise PgError(f"{path}: not a readable pgbuild artifact ({e}); it is corrupt, truncated or empty") from None
+        expected = MANIFEST_DIGEST.search(bootstrap)
+        if expected is None or hashlib.sha256(raw_manifest).hexdigest() != expected.group(1).decode():
+            raise PgError(f"{path}: manifest checksum mismatch; the artifact was modified or is corrupt")
+        self.manifest = json.loads(raw_manifest)
+        names = set(self.zip.namelist())
+        listed = set(self.manifest["members"]) | {BOOTSTRAP, MANIFEST}
+        if names != listed:
+            raise PgError(f"{path}: members {sorted(names ^ listed)} do not match the manifest; the artifact was modified")
+
+    def read(self, name):
+        """A member's bytes, after checking its SHA-256 against the manifest."""
+        try:
+            data = self.zip.read(name)
+        except (OSError, zipfile.BadZipFile, KeyError, EOFError) as e:
+            raise PgError(f"{self.path}: cannot read member {name} ({e}); the artifact is corrupt") from None
+        if hashlib.sha256(data).hexdigest() != self.manifest["members"][name]:
+            raise PgError(f"{self.path}: member {name} fails its checksum; the artifact was modified or is corrupt")
+        return data
+
+    def verify(self):
+        for name in self.manifest["members"]:
+            self.read(name)
+        return self
