@@ -98,11 +98,10 @@ def val_stream(layout, preset, max_tokens):
     return trim_stream(load_tokens(layout, "val", max_tokens), preset.eval.seq_len)
 
 
-def measure(model, blob, layout, preset, device, eval_tokens, modes):
-    """bpb of the unquantized model and of the packed artifact's weights on a validation prefix."""
+def measure(model, blob, layout, preset, device, tokens, modes):
+    """bpb of the unquantized model and of the packed artifact's weights on validation `tokens`."""
     import sentencepiece as spm
 
-    tokens = val_stream(layout, preset, eval_tokens)
     tables = byte_tables(spm.SentencePieceProcessor(model_file=layout.tokenizer), preset.model.vocab_size)
     figures = {"eval_tokens": int(len(tokens) - 1)}
     model.looping = True
@@ -121,6 +120,7 @@ def quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, eval_m
     """Hessians -> GPTQ -> budget fit -> measured figures -> artifact at `out`; returns its
     manifest's figures and size. Every rank calls this; rank 0 quantizes and writes."""
     qcfg = preset.quant
+    tokens = val_stream(layout, preset, eval_tokens)  # a bad --eval-tokens fails now, not after GPTQ
     info = {"model": preset.model.to_dict(), "eval": preset.eval.to_dict(),
             "tokenizer_sha256": file_sha256(layout.tokenizer),
             "recipe": {"method": "gptq+sdclip", **qcfg.to_dict()}, "provenance": prov, "metrics": {}}
@@ -151,7 +151,7 @@ def quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, eval_m
         blob = shared[0]
     report("measuring bpb at build time")
     with watch("eval"):
-        info["metrics"] = measure(model, blob, layout, preset, ctx.device, eval_tokens, eval_modes)
+        info["metrics"] = measure(model, blob, layout, preset, ctx.device, tokens, eval_modes)
     if not ctx.is_main:
         return None
     blob = pack(plan)
