@@ -8,7 +8,6 @@ int8 codes and fp16 scales, byte-shuffled, brotli-11 — and (b) the order-0 ent
 """
 
 import io
-import math
 import os
 import sys
 import zipfile

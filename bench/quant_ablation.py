@@ -88,8 +88,8 @@ def main():
     rows = [r.strip() for r in args.rows.split(",")] if args.rows else list(ROWS)
     results, budget = [], None
     print(f"unquantized standard bpb {prequant:.5f} on {len(tokens) - 1:,} tokens")
-    print(f"| recipe | artifact bytes | quantized bpb | gap | gap / r0409 gap | seconds |")
-    print(f"|---|---:|---:|---:|---:|---:|")
+    print("| recipe | artifact bytes | quantized bpb | gap | gap / r0409 gap | seconds |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name in ["r0409"] + [r for r in rows if r != "r0409"]:
         spec = ROWS[name]
         preset = apply_recipe(base, spec) if isinstance(spec, str) else \

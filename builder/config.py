@@ -6,9 +6,7 @@ docstring is its documentation, read back by `field_docs` for `--help` and `pgbu
 """
 
 import ast
-import dataclasses
 import inspect
-import json
 import textwrap
 from dataclasses import dataclass, field, fields, replace
 from functools import cache
@@ -193,9 +191,6 @@ class Preset(ConfigBase):
             raise PgError(f"unknown config section(s) {', '.join(unknown)}; use {', '.join(SECTIONS)}")
         return cls(**{name: SECTIONS[name].from_dict({k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()})
                       for name, sub in values.items()})
-
-    def to_json(self):
-        return json.dumps(dataclasses.asdict(self), indent=1)
 
 
 RECIPES = {
