@@ -21,6 +21,7 @@ MFU and the record ratios read n/a and compilation is off unless `--compile on`.
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import math
@@ -400,8 +401,8 @@ def eval_variants(tokens, tables, cfg, device, use_compile):
     wraps the model once and returns a zero-argument run that returns bpb."""
     def ours(mode, compiled=False):
         def make(m):
-            target = torch.compile(m) if compiled else m
-            return lambda: evaluate(target, tokens, tables, cfg, mode, device).val_bpb
+            run_cfg = dataclasses.replace(cfg, compile=compiled)
+            return lambda: evaluate(m, tokens, tables, run_cfg, mode, device).val_bpb
         return make
 
     def record(fn):
@@ -419,9 +420,11 @@ def eval_variants(tokens, tables, cfg, device, use_compile):
         ("ttt", "runtime.evaluate", eager_note + "; trains one sequence per forward", ours("ttt")),
         ("ttt", "record's way", record_note + f"; trains {cfg.ttt_batch_seqs} seqs/forward, eager",
          record(record_ttt)),
+        ("lora", "runtime.evaluate", eager_note + f"; {cfg.lora_batch_docs} documents per batch, "
+         f"{cfg.lora_phases} phases over {cfg.lora_phase_docs} documents", ours("lora")),
     ]
     if use_compile:
-        compiled_note = "torch.compile(model) passed to runtime.evaluate"
+        compiled_note = "eval.compile=true (torch.compile of the model inside runtime.evaluate)"
         variants += [("sliding", "runtime.evaluate, compiled model", compiled_note, ours("sliding", True)),
                      ("ttt", "runtime.evaluate, compiled model", compiled_note, ours("ttt", True))]
     return variants
@@ -430,8 +433,9 @@ def eval_variants(tokens, tables, cfg, device, use_compile):
 def bench_eval(report, model, tokens, tables, cfg, device, use_compile, bytes_note):
     scored = len(tokens) - 1
     for mode, label, note, make in eval_variants(tokens, tables, cfg, device, use_compile):
-        what = f"sliding (stride {cfg.stride})" if mode == "sliding" else \
-            f"score-first TTT ({cfg.ttt_chunk_tokens}-token chunks, {cfg.ttt_epochs} epochs)"
+        what = {"sliding": f"sliding (stride {cfg.stride})",
+                "ttt": f"score-first TTT ({cfg.ttt_chunk_tokens}-token chunks, {cfg.ttt_epochs} epochs)",
+                "lora": f"LoRA TTT (rank {cfg.lora_rank}, {cfg.lora_chunk_tokens}-token chunks)"}[mode]
         part = f"eval, {what}"
         report.attempt(part, label, lambda: report_eval_variant(
             report, part, label, note, make, mode, model, scored, device, use_compile, bytes_note))

@@ -5,9 +5,9 @@ against the 2026-04-09 record's recipe.
 
 The `r0409` row packs the record's recipe at its natural size S. Every other row allocates bit
 widths by rate-distortion (quant.allocation=rd) for the budget S, so all rows cost the same bytes;
-the `rd` row isolates the allocator, the others add one technique to it. The gap is the packed
-artifact's standard bpb minus the unquantized model's, both scored by the runtime's evaluator on
-the same validation tokens. Hessians come from training batches once and are shared by all rows.
+the `rd` row isolates the allocator, the others add one technique to it (rows in BUDGET_SCALE get
+a fraction of S instead). The gap is the packed artifact's standard bpb minus the unquantized
+model's, both scored by the runtime's evaluator on the same validation tokens. Hessians come from training batches once and are shared by all rows.
 """
 
 import argparse
@@ -21,7 +21,7 @@ import sentencepiece as spm
 import torch
 
 from builder.budget import allocate, fit_budget
-from builder.config import apply_overrides, apply_recipe
+from builder.config import RECIPES, apply_overrides, apply_recipe
 from builder.pack import StreamCompressor, build_artifact
 from builder.pipeline import file_sha256, load_checkpoint, val_stream
 from builder.quantize import LossProbe, Quantizer, collect_hessians
@@ -31,6 +31,7 @@ from runtime.data import find_data
 from runtime.evaluate import byte_tables, evaluate
 
 CLIP_SEARCH = (0.35, 0.5, 0.7, 1.0)
+PRUNE_FRACTIONS = (0.1, 0.25, 0.5)
 ROWS = {
     "r0409": {},
     "rd, raw Hessian errors": dict(allocation="rd", probe_tokens=0),
@@ -48,13 +49,21 @@ ROWS = {
     "all techniques": dict(allocation="rd", hessian_clip_lambda=0.175, control_int8=True, lqer_rank=4,
                            transforms=("hadamard", "awq"), clip_search=CLIP_SEARCH),
     "best": "best",
+    "rd + prune candidates": dict(allocation="rd", prune_fractions=PRUNE_FRACTIONS),
+    "best + prune candidates": dict(RECIPES["best"], prune_fractions=PRUNE_FRACTIONS),
+    "r0409 at 98% bytes (fit lowers bits)": {},
+    "r0409 at 98% bytes + prune-to-fit": dict(prune_to_fit=0.5),
+    "best at 98% bytes": "best",
 }
+BUDGET_SCALE = {"r0409 at 98% bytes (fit lowers bits)": 0.98, "r0409 at 98% bytes + prune-to-fit": 0.98,
+                "best at 98% bytes": 0.98}
+"""Rows packed for a fraction of r0409's bytes: prune-to-fit only acts on an over-budget file."""
 
 
 def pack_blob(model, hessians, probe, preset, info, budget):
     qcfg = dataclasses.replace(preset.quant, budget_bytes=budget)
     quantizer = Quantizer(model.state_dict(), hessians, qcfg, probe if qcfg.probe_tokens else None)
-    compressor = StreamCompressor(qcfg.codecs)
+    compressor = StreamCompressor(qcfg.codecs, qcfg.reorder_groups)
 
     def pack(plan):
         return build_artifact(quantizer.encode_all(plan), info, compressor)
@@ -95,7 +104,8 @@ def main():
         preset = apply_recipe(base, spec) if isinstance(spec, str) else \
             dataclasses.replace(base, quant=dataclasses.replace(base.quant, **spec))
         t0 = time.perf_counter()
-        blob = pack_blob(model, hessians, probe, preset, info, budget or preset.quant.budget_bytes)
+        row_budget = int(budget * BUDGET_SCALE.get(name, 1.0)) if budget else preset.quant.budget_bytes
+        blob = pack_blob(model, hessians, probe, preset, info, row_budget)
         seconds = time.perf_counter() - t0
         budget = budget or len(blob)
         artifact = Artifact(io.BytesIO(blob))

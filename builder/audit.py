@@ -188,7 +188,8 @@ def nominal_bits(enc):
     return int(digits.group(1)) if digits else 16
 
 
-SIDE_PAYLOADS = {"scale": (2, 16), "col_scale": (2, 16), "lqer_a": (1, 2), "lqer_b": (1, 4), "lqer_b_scale": (2, 16)}
+SIDE_PAYLOADS = {"scale": (2, 16), "col_scale": (2, 16), "lqer_a": (1, 2), "lqer_b": (1, 4), "lqer_b_scale": (2, 16),
+                 "row_order": (2, 16)}
 """(symbol width in bytes, nominal bits) of the arrays a tensor entry may store beside its codes."""
 
 

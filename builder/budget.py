@@ -3,11 +3,13 @@
 Start from the recipe's bit widths and pack for real. While the file is over budget, lower one
 tensor by one bit at a time, always the one whose Hessian-weighted error grows least per byte
 saved (bytes estimated from the codes' order-0 entropy), until the estimate covers the overshoot;
-then pack and measure again. Small steps keep the result close to the budget.
+then pack and measure again. Small steps keep the result close to the budget. With
+quant.prune_to_fit, zeroing the cheapest ±1 codes is tried first at every step (`prune_to_fit`).
 """
 
 import numpy as np
 
+from builder.quantize import prune_count
 from runtime.errors import PgError
 
 
@@ -17,6 +19,9 @@ def fit_budget(quantizer, pack, budget, reserve=0, report=print):
     plan = quantizer.default_plan()
     blob = pack(plan)
     while len(blob) > budget - reserve:
+        fitted = prune_to_fit(quantizer, pack, plan, blob, budget - reserve, report)
+        if fitted is not None:
+            return fitted
         overshoot = len(blob) - (budget - reserve)
         saved = 0.0
         while saved < overshoot * 1.02 + 16:
@@ -43,6 +48,66 @@ def _cheapest_step(quantizer, plan):
         if best is None or cost < best[0]:
             best = (cost, name, bytes_saved)
     return None if best is None else best[1:]
+
+
+def _global_prune_order(quantizer, plan):
+    """(tensor names, owner of each ±1 code in global cost order, ±1 codes per tensor). Each
+    tensor's codes keep their own cheapest-first order inside the global one, so the first n
+    globally are, per tensor, a prefix of what `Choice.prune` zeroes."""
+    names = list(plan)
+    costs = [quantizer.prune_order(name, plan[name])[1] for name in names]
+    owner = np.concatenate([np.full(len(c), i) for i, c in enumerate(costs)] + [np.zeros(0, int)])
+    order = np.argsort(np.concatenate(costs + [np.zeros(0)]), kind="stable")
+    return names, owner[order], [len(c) for c in costs]
+
+
+def _with_pruned(plan, names, owners, sizes, count):
+    """`plan` with the `count` globally cheapest ±1 codes zeroed, on top of what it already prunes."""
+    per_tensor = np.bincount(owners[:count], minlength=len(names))
+    out = dict(plan)
+    for i, name in enumerate(names):
+        zeroed = max(prune_count(plan[name].prune, sizes[i]), int(per_tensor[i]))
+        if zeroed:
+            out[name] = plan[name]._replace(prune=zeroed / sizes[i])
+    return out
+
+
+def _next_count(lo, hi, lo_bytes, hi_bytes, cap, step):
+    """The next count to pack: interpolated between the bracket's sizes (bytes fall almost linearly
+    with the count), or its midpoint on every other step so the bracket at least halves."""
+    if step % 2 == 0 and lo_bytes > hi_bytes:
+        guess = lo + (hi - lo) * (lo_bytes - cap) / (lo_bytes - hi_bytes)
+    else:
+        guess = (lo + hi) / 2
+    return min(max(int(guess), lo + 1), hi - 1)
+
+
+def prune_to_fit(quantizer, pack, plan, blob, cap, report=print):
+    """(plan, artifact bytes) fitting `cap` bytes with the globally cheapest ±1 codes zeroed
+    (costs in loss units when the quantizer has a probe), their count found by bisection on
+    really packed files to within 1% of the count; None when the recipe does not ask for it
+    (quant.prune_to_fit = 0) or when zeroing that fraction of all ±1 codes does not fit. `blob` is
+    `pack(plan)`, already over the cap. `cap` is in bytes, decimal, like the budget (the
+    03-25 record's TARGET_MB=15.9 was multiplied by 1024², overshooting 16,000,000)."""
+    if not quantizer.qcfg.prune_to_fit:
+        return None
+    names, owners, sizes = _global_prune_order(quantizer, plan)
+    lo, hi = 0, int(quantizer.qcfg.prune_to_fit * len(owners))
+    lo_bytes, hi_blob = len(blob), pack(_with_pruned(plan, names, owners, sizes, hi))
+    if len(hi_blob) > cap:
+        report(f"budget: zeroing {hi:,} ±1 codes leaves {len(hi_blob):,} bytes, over {cap:,}")
+        return None
+    step = 0
+    while hi - lo > max(1, hi // 100):
+        count = _next_count(lo, hi, lo_bytes, len(hi_blob), cap, step)
+        trial = pack(_with_pruned(plan, names, owners, sizes, count))
+        if len(trial) <= cap:
+            hi, hi_blob = count, trial
+        else:
+            lo, lo_bytes = count, len(trial)
+        step += 1
+    report(f"budget: zeroed {hi:,} of {len(owners):,} ±1 codes, artifact now {len(hi_blob):,} bytes (cap {cap:,})")
+    return _with_pruned(plan, names, owners, sizes, hi), hi_blob
 
 
 def measured_bytes(encoded, quality=9):
@@ -113,7 +178,7 @@ def allocate(quantizer, pack, budget, reserve=0, report=print):
             encoded = quantizer.encode(name, choice)
             rows.append((choice, scale * encoded.error, measured_bytes(encoded)))
         table[name] = rows
-    target, best = cap, None
+    target, best, closest = cap, None, None
     for attempt in range(8):
         picks = _spend_leftover(_best_within(table, target), table, target)
         plan = {name: row[0] for name, row in picks.items()}
@@ -125,9 +190,13 @@ def allocate(quantizer, pack, budget, reserve=0, report=print):
                 best = (plan, blob)
             if len(blob) >= 0.995 * cap or target >= sum(max(r[2] for r in rows) for rows in table.values()):
                 break
+        elif closest is None or len(blob) < len(closest[1]):
+            closest = (plan, blob)
         if predicted == 0:
             break
         target = predicted + (cap - len(blob))  # what the packed file adds beyond the candidates
+    if best is None and closest is not None:
+        best = prune_to_fit(quantizer, pack, *closest, cap, report)
     if best is None:
         raise PgError(f"budget of {budget:,} bytes is too small: the smallest encodings the allocator may "
                       f"choose (quant.rd_bits) give {len(pack({n: min(r, key=lambda r: r[2])[0] for n, r in table.items()})):,} bytes")

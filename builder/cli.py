@@ -16,6 +16,7 @@ from builder.cli_data import data
 from builder.runs import record, runs
 from builder.verify import verify
 from runtime.errors import PgError
+from runtime.evaluate import MODES
 
 console = Console(stderr=True)
 
@@ -197,7 +198,6 @@ def train_and_pack(preset, config_file, assignments, nproc_per_node, nnodes, rdz
 
 
 def _modes(text):
-    from runtime.evaluate import MODES
     modes = [m for m in text.split(",") if m]
     bad = [m for m in modes if m not in MODES]
     if bad:
@@ -275,7 +275,7 @@ def _print_tensor_report(rows):
 @main.command("eval")
 @click.option("--checkpoint", required=True, type=click.Path(), help="checkpoint from `pgbuild train`")
 @click.option("--data", required=True, type=click.Path(), help="dataset directory")
-@click.option("--mode", default="standard", show_default=True, type=click.Choice(["standard", "sliding", "ttt"]),
+@click.option("--mode", default="standard", show_default=True, type=click.Choice(MODES),
               help="evaluation mode")
 @click.option("--max-val-tokens", type=int, help="score only a prefix of the validation stream")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")

@@ -147,8 +147,14 @@ class QuantConfig(ConfigBase):
     """GPTQ damping, as a fraction of mean(diag H)."""
     act_order: bool = True
     """GPTQ quantizes columns in order of decreasing Hessian diagonal."""
-    codecs: tuple = ("brotli", "lzma")
-    """Codecs tried on every weight stream; the smallest output wins."""
+    codecs: tuple = ("brotli", "lzma", "rans")
+    """Codecs tried on every weight stream; the smallest output wins. "rans" is pgbuild's own
+    static-model coder (builder/entropy.py), smallest on most integer code streams."""
+    reorder_groups: tuple = ("tok_emb",)
+    """Matrix groups whose code streams are also tried with rows in greedy L1 nearest-neighbour
+    order and transposed (the top record does tok_emb, attn_q and mlp_fc); the smaller layout wins,
+    row orders counted. The search costs O(rows^2 x cols) per matrix and only pays where rows
+    resemble each other, as a trained embedding's do."""
     budget_bytes: int = 16_000_000
     """Hard cap on the artifact file's size in bytes."""
     hessian_clip_lambda: float = 0.0
@@ -175,6 +181,15 @@ class QuantConfig(ConfigBase):
     """LQER: rank of the low-rank correction of the largest quantization errors; 0 disables."""
     lqer_top: int = 3
     """LQER: how many matrices (largest error first) get a correction."""
+    prune_fractions: tuple = ()
+    """Selective ±1 pruning as allocator candidates: fractions of a candidate's ±1 codes to zero
+    after GPTQ, cheapest first by Hessian-weighted cost s_i² H_jj; each fraction adds a pruned
+    copy of every rate-distortion candidate. Empty: no pruned candidates."""
+    prune_to_fit: float = 0.0
+    """Selective ±1 pruning to fit the budget: when the packed artifact is over budget, zero the
+    globally cheapest ±1 codes (binary search on their count, each step packed for real), up to
+    this fraction of all ±1 codes; tried before each bit-width step of the 'fit' allocation, and
+    on the closest 'rd' allocation when none fits. 0 disables."""
 
 
 @dataclass(frozen=True)
@@ -247,7 +262,8 @@ def _tiny():
         quant=QuantConfig(calibration_batches=8, calibration_batch_tokens=4096, gptq_block=64, passthrough_max_numel=4096,
                           probe_tokens=16384),
         eval=EvalConfig(seq_len=128, stride=32, batch_seqs=32, ttt_chunk_tokens=4096, ttt_epochs=1,
-                        ttt_lr=0.002, ttt_batch_seqs=8),
+                        ttt_lr=0.002, ttt_batch_seqs=8, lora_chunk_tokens=32, lora_rank=8, lora_alpha=16.0,
+                        lora_lr=0.003, lora_batch_docs=8, lora_phase_docs=8, lora_phases=2, lora_phase_lr=0.002),
     )
 
 

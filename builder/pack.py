@@ -2,8 +2,10 @@
 
 Weight streams group tensors by role and encoding (all layers' MLP fc codes at int6 form one
 stream, say), since similar symbols side by side compress best; each stream is compressed with
-every configured codec and the smallest output is kept. The runtime sources are minified
-(docstrings and comments dropped) and shipped as one LZMA stream of {module: source}.
+every configured codec and the smallest output is kept, and each stream of integer codes is also
+tried with its rows in greedy nearest-neighbour order and transposed (builder/layout.py). The
+runtime sources are minified (docstrings and comments dropped) and shipped as one LZMA stream of
+{module: source}.
 """
 
 import ast
@@ -18,11 +20,14 @@ from pathlib import Path
 import runtime
 from builder.quantize import matrix_group
 from runtime.artifact import BOOTSTRAP, MANIFEST
-from runtime.codec import LZMA_FILTERS, byte_shuffle, compress
+from builder.entropy import encode as rans_encode
+from builder.layout import RowOrders, nn_columns, reorderable
+from runtime.codec import LZMA_FILTERS, byte_shuffle
+from runtime.codec import compress as lz_compress
 from runtime.errors import PgError
 
 FORMAT_VERSION = 1
-EXTENSIONS = {"brotli": "br", "lzma": "xz"}
+EXTENSIONS = {"brotli": "br", "lzma": "xz", "rans": "rans"}
 ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed timestamps make packing deterministic
 
 PREAMBLE = b"""#!/usr/bin/env python3
@@ -96,13 +101,21 @@ def build_streams(encoded_tensors):
     return {k: bytes(v) for k, v in raw.items()}, entries
 
 
+def compress(codec, raw):
+    """One stream compressed with one codec: "rans" is ours (builder/entropy.py), the rest are
+    the standard codecs the runtime also wraps."""
+    return rans_encode(raw) if codec == "rans" else lz_compress(codec, raw)
+
+
 class StreamCompressor:
     """Compresses each stream with every codec, keeps the smallest, and remembers results so
     that repacking after a small change recompresses only the streams that changed."""
 
-    def __init__(self, codecs):
+    def __init__(self, codecs, reorder_groups=()):
         self.codecs = tuple(codecs)
+        self.reorder_groups = tuple(reorder_groups)
         self._cache = {}
+        self.row_orders = RowOrders()
 
     def __call__(self, raw):
         key = hashlib.sha256(raw).digest()
@@ -111,21 +124,41 @@ class StreamCompressor:
         return self._cache[key]
 
 
+def choose_layout(name, raw, entries, compressor):
+    """(raw, compressed (codec, data), {entry index: row order}) for code stream `name`: as
+    quantized, or, for the compressor's reorder groups, in greedy row order and transposed where
+    that is smaller, row orders counted."""
+    best = (raw, compressor(raw), {})
+    if name.split(".")[0] not in compressor.reorder_groups or not any(reorderable(e) for e in entries):
+        return best
+    moved, orders = nn_columns(raw, entries, compressor.row_orders)
+    order_bytes = len(compressor(b"".join(o.astype("<u2").tobytes() for o in orders.values()))[1])
+    coded = compressor(moved)
+    return (moved, coded, orders) if len(coded[1]) + order_bytes < len(best[1][1]) else best
+
+
 def build_artifact(encoded_tensors, info, compressor):
     """The artifact's bytes. `info` holds the manifest's descriptive fields (model, eval,
     tokenizer_sha256, recipe, provenance, metrics)."""
     raw_streams, tensors = build_streams(encoded_tensors)
     members = {"runtime.xz": runtime_stream()}
-    streams = []
-    for name, raw in raw_streams.items():
+    streams, row_orders = [], bytearray()
+    for index, (name, raw) in enumerate(raw_streams.items()):
         stream = {"name": name}
         if name.endswith(".fp16"):
             raw = byte_shuffle(raw, 2)
             stream["shuffle"] = 2
-        codec, data = compressor(raw)
-        stream.update(member=f"w/{name}.{EXTENSIONS[codec]}", codec=codec, raw_bytes=len(raw))
-        members[stream["member"]] = data
-        streams.append(stream)
+            codec, data = compressor(raw)
+        else:
+            mine = [t for t in tensors if t["data"][0] == index]
+            raw, (codec, data), orders = choose_layout(name, raw, mine, compressor)
+            for i, order in orders.items():
+                mine[i].update(transposed=1, row_order=[len(raw_streams), len(row_orders), order.nbytes])
+                row_orders += order.astype("<u2").tobytes()
+        _add_stream(members, streams, stream, raw, codec, data)
+    if row_orders:
+        codec, data = compressor(bytes(row_orders))
+        _add_stream(members, streams, {"name": "row_order.u16"}, row_orders, codec, data)
     manifest = dict(format=FORMAT_VERSION, **info, streams=streams, tensors=tensors,
                     members={name: hashlib.sha256(data).hexdigest() for name, data in members.items()})
     manifest_bytes = json.dumps(manifest, separators=(",", ":")).encode()
@@ -139,6 +172,12 @@ def build_artifact(encoded_tensors, info, compressor):
         for name, data in members.items():
             add(name, data, zipfile.ZIP_STORED)  # already compressed
     return out.getvalue()
+
+
+def _add_stream(members, streams, stream, raw, codec, data):
+    stream.update(member=f"w/{stream['name']}.{EXTENSIONS[codec]}", codec=codec, raw_bytes=len(raw))
+    members[stream["member"]] = data
+    streams.append(stream)
 
 
 def write_atomic(path, data):

@@ -134,7 +134,7 @@ def quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, eval_m
         if qcfg.allocation == "rd" and qcfg.probe_tokens:
             probe = LossProbe(model, layout, preset.train.seq_len, qcfg.probe_tokens, ctx.device, preset.train.seed)
         quantizer = Quantizer(model.state_dict(), hessians, qcfg, probe)
-        compressor = StreamCompressor(qcfg.codecs)
+        compressor = StreamCompressor(qcfg.codecs, qcfg.reorder_groups)
 
         def pack(plan):
             encoded = quantizer.encode_all(plan)

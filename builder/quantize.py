@@ -6,6 +6,7 @@ trace((W - Q) H (W - Q)^T), the quantity the budget fitter trades against bytes.
 """
 
 import copy
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -229,6 +230,54 @@ def encode_matrix(name, w, hessian, bits, k, qcfg):
     return encoded
 
 
+def code_basis(encoded):
+    """The decoder's map from code columns to weight columns, as a (code cols, weight cols) matrix
+    B: a row of codes q with row scale s decodes to s q B, plus an LQER correction that does not
+    depend on the codes. Decoding the identity code matrix with unit row scales yields B, so every
+    transform the runtime knows (column scales, rotations) is covered without restating it."""
+    cols = encoded.data.shape[1]
+    linear = {k: v for k, v in encoded.extras.items() if not k.startswith("lqer")}
+    unit = dataclasses.replace(encoded, shape=(cols, cols), data=np.eye(cols, dtype=np.int8),
+                               scales=np.ones(cols, np.float16), extras=linear,
+                               meta={k: v for k, v in encoded.meta.items() if not k.startswith("lqer")})
+    return unit.dequantize()
+
+
+def prune_costs(encoded, hessian):
+    """For the ±1 codes of an intB encoding: (flat indices, costs), cheapest first. The cost of
+    zeroing code (i, j) is s_i² (B H Bᵀ)_jj, the Hessian-weighted error the zeroing adds on its
+    own (B from `code_basis`; for untransformed codes that is s_i² H_jj).
+
+    The 03-25 record ranked by s_i² alone, i.e. by how far the weight moves. H_jj is the mean
+    squared activation the weight multiplies: the same move on a column whose inputs are large
+    changes the output, and the loss, more than on a nearly silent one. Per tensor the costs are
+    in the units of `Encoded.error`, so scaled by the tensor's loss calibration they compare
+    across tensors."""
+    codes = encoded.data.reshape(encoded.data.shape[0], -1)
+    rows, cols = np.nonzero(np.abs(codes) == 1)
+    basis = code_basis(encoded).double()
+    column_cost = (basis @ hessian.double() * basis).sum(dim=1).numpy()
+    row_cost = encoded.scales.astype(np.float64) ** 2
+    costs = row_cost[rows] * column_cost[cols]
+    order = np.argsort(costs, kind="stable")  # stable: equal costs prune in a fixed order
+    return rows[order] * codes.shape[1] + cols[order], costs[order]
+
+
+def prune_count(fraction, candidates):
+    """How many of `candidates` ±1 codes a prune fraction zeroes."""
+    return int(round(fraction * candidates))
+
+
+def zero_codes(encoded, flat_indices, w, hessian):
+    """`encoded` with the codes at `flat_indices` set to 0, its error re-measured on the decoded
+    weight exactly as every other candidate's is."""
+    codes = encoded.data.copy()
+    codes.reshape(-1)[flat_indices] = 0
+    out = dataclasses.replace(encoded, data=codes)
+    out.error = hessian_error(w, out.dequantize(), hessian)
+    return out
+
+
 def encode_passthrough(name, t):
     return Encoded(name, "fp16", tuple(t.shape), t.detach().float().half().numpy())
 
@@ -250,12 +299,14 @@ def is_quantized(name, t, qcfg):
 
 
 class Choice(NamedTuple):
-    """One candidate encoding of a matrix: bit width, multiplier of the recipe's clip k, and an
-    optional transform ('hadamard', 'awq')."""
+    """One candidate encoding of a matrix: bit width, multiplier of the recipe's clip k, an
+    optional transform ('hadamard', 'awq'), and the fraction of its ±1 codes zeroed after GPTQ,
+    cheapest first (`prune_costs`)."""
 
     bits: int
     k_mult: float = 1.0
     transform: str = None
+    prune: float = 0.0
 
 
 class Quantizer:
@@ -267,6 +318,8 @@ class Quantizer:
         self.hessians = hessians
         self.qcfg = qcfg
         self.probe = probe
+        if not all(0 < f <= 1 for f in qcfg.prune_fractions) or not 0 <= qcfg.prune_to_fit <= 1:
+            raise PgError("quant.prune_fractions must lie in (0, 1] and quant.prune_to_fit in [0, 1]")
         self._cache = {}
         self._loss_per_error = {}
 
@@ -293,7 +346,7 @@ class Quantizer:
         mults = q.clip_search or (1.0,)
         choices = [Choice(b, m) for b in q.rd_bits for m in mults]
         choices += [Choice(b, 1.0, t) for b in q.rd_bits for t in q.transforms]
-        return choices
+        return choices + [c._replace(prune=f) for c in choices for f in q.prune_fractions]
 
     def encode(self, name, choice=None):
         """The tensor encoded as `choice`; None means the passthrough form."""
@@ -301,8 +354,23 @@ class Quantizer:
             return self._passthrough(name)
         key = (name, choice)
         if key not in self._cache:
-            self._cache[key] = self._encode_matrix(name, choice)
+            self._cache[key] = self._encode_pruned(name, choice) if choice.prune else self._encode_matrix(name, choice)
         return self._cache[key]
+
+    def prune_order(self, name, choice):
+        """(flat indices, costs) of the ±1 codes of `choice` without pruning, cheapest first;
+        costs in loss units when the quantizer has a probe, like the allocator's errors."""
+        key = (name, choice._replace(prune=0.0), "prune_order")
+        if key not in self._cache:
+            indices, costs = prune_costs(self.encode(name, choice._replace(prune=0.0)), self.hessians[name])
+            self._cache[key] = (indices, costs * self.loss_per_error(name))
+        return self._cache[key]
+
+    def _encode_pruned(self, name, choice):
+        # Pruning after GPTQ, not inside it: see BENCHMARKS.md (selective ±1 pruning) for why.
+        indices, _ = self.prune_order(name, choice)
+        full = self.encode(name, choice._replace(prune=0.0))
+        return zero_codes(full, indices[:prune_count(choice.prune, len(indices))], self.state[name], self.hessians[name])
 
     def _encode_matrix(self, name, choice):
         w, h = self.state[name], self.hessians[name]

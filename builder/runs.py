@@ -30,13 +30,13 @@ from rich.table import Table
 
 from runtime.artifact import Artifact
 from runtime.errors import PgError
+from runtime.evaluate import MODES
 
 SUMMARY = "summary.json"
 TRAIN_LOG = "train_log.jsonl"
 MIN_NATS = 0.005
 ALPHA = 0.01
 BUDGET = 16_000_000
-MODES = ("standard", "sliding", "ttt")
 FIGURES = ("prequant_bpb",) + tuple(f"{m}_bpb" for m in MODES)
 
 

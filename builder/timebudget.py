@@ -90,7 +90,7 @@ def estimate_post_training(model, layout, preset, device):
         model.looping = looping
         model.train(training)
     quantizer = Quantizer(model.state_dict(), hessians, qcfg)
-    compressor = StreamCompressor(qcfg.codecs)
+    compressor = StreamCompressor(qcfg.codecs, qcfg.reorder_groups)
     plan = quantizer.default_plan()
     by_shape = {}
     for name in plan:

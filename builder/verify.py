@@ -213,7 +213,11 @@ class Recorder:
             self._check_training(ids, targets)
             return self._forward(*args, **kwargs)
         out = self._forward(*args, **kwargs)
-        logits = out if targets is None else self._forward(ids)
+        if targets is None:
+            logits = out
+        else:  # the same forward (adapters and all) without targets gives the logits behind the NLL
+            rest = {k: v for k, v in kwargs.items() if k not in ("ids", "targets")}
+            logits = self._forward(ids, None, *args[2:], **rest)
         self._open_batch(ids, targets, out if targets is not None else None, logits)
         return out
 
@@ -415,7 +419,7 @@ def check_score_first(trace, mode):
     summary = (f"{c['train_rows']} training rows over {c['trained_positions']} positions; "
                f"{c['train_violations']} read unscored positions; {c['unreported_train_rows']} unreported, "
                f"{c['mismatched_train_rows']} not matching their report")
-    if mode == "ttt" and c["train_rows"] == 0:
+    if mode in ("ttt", "lora") and c["train_rows"] == 0:
         summary += "; no update observed"
     keys = ("train_rows", "trained_positions", "train_violations", "unreported_train_rows", "mismatched_train_rows",
             "train_reports_without_forward")

@@ -20,8 +20,10 @@ def parse_args(argv):
     ev.add_argument("--data", required=True, help="dataset directory (pgbuild or challenge layout)")
     ev.add_argument("--tokenizer", help="tokenizer .model file (default: found under --data)")
     ev.add_argument("--force-tokenizer", action="store_true", help="accept a tokenizer whose SHA-256 differs from the build's")
-    ev.add_argument("--mode", default="ttt", choices=("standard", "sliding", "ttt"), help="evaluation mode (default: ttt)")
+    ev.add_argument("--mode", default="ttt", choices=("standard", "sliding", "ttt", "lora"),
+                    help="evaluation mode: ttt is score-first TTT, lora document-wise LoRA TTT with phases (default: ttt)")
     ev.add_argument("--stride", type=int, help="sliding-window stride (default: the build's)")
+    ev.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; not the lora mode)")
     ev.add_argument("--max-val-tokens", type=int, help="score only a prefix of the validation stream")
     ev.add_argument("--dump-nll", help="save the per-token NLL (nats, stream order) to this .npy file")
     ev.add_argument("--device", help="torch device (default: cuda if available)")
@@ -105,6 +107,8 @@ def run_eval(args, manifest, read_member):
     cfg = EvalConfig.from_dict(manifest["eval"])
     if args.stride:
         cfg = dataclasses.replace(cfg, stride=args.stride)
+    if args.compile:
+        cfg = dataclasses.replace(cfg, compile=True)
     tokens = trim_stream(load_tokens(layout, "val", args.max_val_tokens), cfg.seq_len)
     if int(tokens.max()) >= vocab:
         raise PgError(f"validation shards hold token id {int(tokens.max())} >= vocab {vocab}; wrong dataset for this model")

@@ -9,6 +9,10 @@ of a decompressed stream:
 - enc "int8t": int8 codes times one fp32 scale, the entry's "tensor_scale" (small control tensors).
 - enc "fp16": the values themselves.
 
+Two optional fields say how intB codes are laid out (builder/layout.py chooses, by bytes):
+"transposed" (1) stores them column-major; "row_order" refers to uint16 row indices, stored row i
+being the matrix's row order[i]. Both are undone before the row scales apply.
+
 Optional fields transform the decoded matrix, in this order (builder/transforms.py writes them):
 "col_scale" (fp16 per column) divides each column, undoing an activation-aware column scaling;
 "rotate" (block size) multiplies by the block-diagonal orthonormal Hadamard matrix, which is its
@@ -17,8 +21,10 @@ own inverse; "lqer_a"/"lqer_b" add a low-rank correction A @ B, with A int2 code
 step is elementwise or a fixed sequence of additions, so the builder and the runtime get the same
 bits. A field this decoder does not know is an error, never ignored.
 
-Streams of fp16 values are byte-shuffled (all low bytes, then all high bytes), as the records do:
-the high bytes of similar numbers repeat, and grouping them lets the entropy coder see it.
+Streams are compressed with brotli-11, raw LZMA2 or "rans", our static-model rANS coder for byte
+symbols (runtime/rans.py), whichever was smallest. Streams of fp16 values are byte-shuffled (all
+low bytes, then all high bytes), as the records do: the high bytes of similar numbers repeat, and
+grouping them lets the entropy coder see it.
 """
 
 import lzma
@@ -27,12 +33,14 @@ import re
 import numpy as np
 import torch
 
+from . import rans
 from .errors import PgError
 
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 
 
 def compress(codec, data):
+    """brotli or LZMA; the rans encoder lives in builder/entropy.py, since only its decoder ships."""
     if codec == "lzma":
         return lzma.compress(data, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
     if codec == "brotli":
@@ -43,6 +51,8 @@ def compress(codec, data):
 
 def decompress(codec, data):
     try:
+        if codec == "rans":
+            return rans.decode(data)
         if codec == "lzma":
             return lzma.decompress(data, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
         if codec == "brotli":
@@ -50,6 +60,8 @@ def decompress(codec, data):
             return brotli.decompress(data)
     except ImportError:
         raise PgError("this artifact's weights are brotli-compressed: pip install brotli") from None
+    except PgError:
+        raise
     except Exception as e:
         raise PgError(f"a {codec} stream failed to decompress ({e}); the artifact is corrupt") from None
     raise PgError(f"unknown codec {codec!r}")
@@ -69,7 +81,7 @@ def _slice(streams, ref, dtype):
 
 
 TENSOR_FIELDS = {"name", "shape", "enc", "data", "scale", "tensor_scale", "col_scale", "rotate",
-                 "lqer_a", "lqer_b", "lqer_a_scale", "lqer_b_scale", "lqer_group"}
+                 "lqer_a", "lqer_b", "lqer_a_scale", "lqer_b_scale", "lqer_group", "transposed", "row_order"}
 
 
 def hadamard(x, block):
@@ -98,7 +110,14 @@ def decode_tensor(entry, streams):
     elif enc == "int8t":
         values = f32("data", np.int8) * np.float32(entry["tensor_scale"])
     elif re.fullmatch("int[2-8]", enc):
-        values = f32("data", np.int8).reshape(shape[0], -1) * f32("scale")[:, None]
+        values = f32("data", np.int8)
+        values = values.reshape(-1, shape[0]).T if entry.get("transposed") else values.reshape(shape[0], -1)
+        if "row_order" in entry:
+            order = _slice(streams, entry["row_order"], "<u2").astype(np.int64)
+            if not np.array_equal(np.sort(order), np.arange(shape[0])):
+                raise PgError(f"tensor {entry['name']}: its row order is not a permutation; the artifact is corrupt")
+            values = values[np.argsort(order)]  # stored row i is row order[i]
+        values = values * f32("scale")[:, None]
     else:
         raise PgError(f"unknown tensor encoding {enc!r}; this artifact needs a newer runtime")
     if "col_scale" in entry:

@@ -153,3 +153,42 @@ class EvalConfig(ConfigBase):
     """Score-first TTT: global gradient-norm clip."""
     ttt_batch_seqs: int = 32
     """Score-first TTT: sequences per training step."""
+    compile: bool = False
+    """torch.compile the model for the standard, sliding and score-first TTT modes. It compiles
+    lazily on the first real forward, so no warm-up ever runs on any tokens; the LoRA mode stays
+    eager (each batch's fresh adapters would force a recompile)."""
+    lora_chunk_tokens: int = 48
+    """LoRA TTT: each document is scored in chunks of this many tokens, each chunk (all but the
+    last) followed by one adapter step on it (RTOP 48; PR #1530 32)."""
+    lora_rank: int = 80
+    """LoRA TTT: rank of the per-document adapters on q, k, v, o, MLP and head (RTOP 80)."""
+    lora_alpha: float = 144.0
+    """LoRA TTT: adapter outputs are scaled by lora_alpha / lora_rank (PR #1767: 144)."""
+    lora_lr: float = 1e-4
+    """LoRA TTT: AdamW learning rate of the adapters."""
+    lora_betas: tuple = (0.0, 0.99)
+    """LoRA TTT: AdamW betas (RTOP: no first moment)."""
+    lora_eps: float = 1e-10
+    """LoRA TTT: AdamW epsilon."""
+    lora_weight_decay: float = 0.5
+    """LoRA TTT: AdamW decoupled weight decay (RTOP 0.5)."""
+    lora_batch_docs: int = 64
+    """LoRA TTT: documents adapted side by side, each with its own adapters, in one batch."""
+    lora_phase_docs: int = 2500
+    """Phased TTT: the base weights are trained on the first this-many scored documents, in
+    lora_phases cumulative phases (RTOP 2500); 0 keeps the base weights fixed."""
+    lora_phases: int = 3
+    """Phased TTT: number of global SGD phases over the scored-document prefix (RTOP 3)."""
+    lora_phase_lr: float = 1e-3
+    """Phased TTT: peak SGD learning rate of a phase, cosine-decayed over its ttt_chunk_tokens
+    chunks (momentum ttt_momentum, clip ttt_grad_clip)."""
+
+    def __post_init__(self):
+        # A JSON manifest hands back lists and `--set` strings; store the betas as two floats.
+        betas = tuple(float(b) for b in self.lora_betas)
+        if len(betas) != 2:
+            raise PgError(f"eval: lora_betas needs two values, got {self.lora_betas}")
+        object.__setattr__(self, "lora_betas", betas)
+        if min(self.seq_len, self.stride, self.batch_seqs, self.lora_chunk_tokens, self.lora_rank,
+               self.lora_batch_docs) < 1 or self.lora_chunk_tokens > self.seq_len:
+            raise PgError("eval: sizes must be positive and lora_chunk_tokens at most seq_len")

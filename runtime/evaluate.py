@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from .errors import PgError
 
-MODES = ("standard", "sliding", "ttt")
+MODES = ("standard", "sliding", "ttt", "lora")
 
 
 def byte_tables(sp, vocab_size):
@@ -101,7 +101,7 @@ class Ranks:
         return tensor
 
 
-def _autocast(device):
+def autocast(device):
     return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
 
@@ -118,7 +118,7 @@ def score_windows(model, tokens, windows, nll, batch_size, device, on_score=None
         for row, w in enumerate(batch):
             x[row, :w.length] = tokens[w.start:w.start + w.length]
             y[row, :w.length] = tokens[w.start + 1:w.start + w.length + 1]
-        with _autocast(device):
+        with autocast(device):
             out = model(x.to(device), y.to(device))
         for row, w in enumerate(batch):
             nll[w.start + w.first:w.start + w.length] = out[row, w.first:w.length]
@@ -126,8 +126,8 @@ def score_windows(model, tokens, windows, nll, batch_size, device, on_score=None
                 on_score(w.start + w.first, w.start + w.length)
 
 
-def train_on_positions(model, optimizer, tokens, start, end, cfg, lr, ranks, device, on_train=None):
-    """Score-first TTT's update: SGD epochs over positions [start, end), already scored."""
+def train_on_positions(model, optimizer, tokens, start, end, cfg, lr, epochs, ranks, device, on_train=None):
+    """Score-first TTT's update: `epochs` SGD passes over positions [start, end), already scored."""
     seqs = [(a, min(a + cfg.seq_len, end)) for a in range(start, end, cfg.seq_len)]
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -136,7 +136,7 @@ def train_on_positions(model, optimizer, tokens, start, end, cfg, lr, ranks, dev
     for p in params:  # a rank with no sequences in a step still joins the all-reduce
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    for _ in range(cfg.ttt_epochs):
+    for _ in range(epochs):
         for i in range(0, len(seqs), cfg.ttt_batch_seqs):
             batch = seqs[i:i + cfg.ttt_batch_seqs]
             total_tokens = sum(b - a for a, b in batch)
@@ -146,7 +146,7 @@ def train_on_positions(model, optimizer, tokens, start, end, cfg, lr, ranks, dev
                     on_train(a, b)
                 x = tokens[a:b].to(device)[None]
                 y = tokens[a + 1:b + 1].to(device)[None]
-                with _autocast(device):
+                with autocast(device):
                     loss = model(x, y).sum() / total_tokens
                 loss.backward()
             if ranks.active:
@@ -180,7 +180,7 @@ def score_first_ttt(model, tokens, windows, nll, cfg, ranks, device, on_score=No
         if c < num_chunks - 1:
             lr = cfg.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(num_chunks - 1, 1)))
             train_on_positions(model, optimizer, tokens, c * chunk, min((c + 1) * chunk, num_positions),
-                               cfg, lr, ranks, device, on_train)
+                               cfg, lr, cfg.ttt_epochs, ranks, device, on_train)
 
 
 @dataclass
@@ -224,8 +224,13 @@ def evaluate(model, tokens, tables, cfg, mode, device, on_score=None, on_train=N
     stride = cfg.seq_len if mode == "standard" else cfg.stride
     windows = sliding_windows(num_positions, cfg.seq_len, stride)
     nll = torch.zeros(num_positions, dtype=torch.float32, device=device)
+    if cfg.compile and mode != "lora":
+        model = torch.compile(model)  # same parameters; compiled by the first real forward
     if mode == "ttt":
         score_first_ttt(model, stream, windows, nll, cfg, ranks, device, on_score, on_train)
+    elif mode == "lora":
+        from .lora_ttt import lora_ttt  # it builds on this module's helpers
+        lora_ttt(model, stream, nll, cfg, ranks, device, on_score, on_train)
     else:
         score_windows(model, stream, ranks.share(windows), nll, cfg.batch_seqs, device, on_score)
     ranks.sum_(nll)

@@ -128,11 +128,13 @@ class Attention(nn.Module):
         z = F.linear(x[..., :self.gate_w.size(1)], self.gate_w.to(x.dtype))
         return 2 * torch.sigmoid(z) if self.gate == "attn_out" else torch.sigmoid(z / 2 if self.gate == "sparse" else z)
 
-    def forward(self, x, ve=None):
+    def forward(self, x, ve=None, lora=None):
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.v(x)
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if lora is not None:
+            q, k, v = q + lora["q"](x), k + lora["k"](x), v + lora["v"](x)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
         v = (v if ve is None else v + ve.to(v.dtype)).view(B, T, self.num_kv_heads, self.head_dim)
         q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[:, None]
         k = self.rotary(rms_norm(k))
@@ -173,15 +175,23 @@ class Block(nn.Module):
         self.norm_scale = 1 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
         self.parallel = 0 <= cfg.parallel_residual_start <= layer
 
-    def forward(self, x, x0, ve=None):
+    def forward(self, x, x0, ve=None, lora=None):
+        """`lora`: optional test-time adapters for this virtual layer, modules "q", "k", "v", "o"
+        reading the normed block input and "mlp" reading the MLP's input; each adds a delta to
+        the projection (or sublayer output) of the same name."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         h = rms_norm(x) * self.norm_scale
-        a = self.attn(h, None if self.ve_scale is None else ve * self.ve_scale.to(ve.dtype))
+        a = self.attn(h, None if self.ve_scale is None else ve * self.ve_scale.to(ve.dtype), lora)
+        if lora is not None:
+            a = a + lora["o"](h)
         if self.parallel:
-            return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * self.mlp(h)
+            return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * self._mlp(h, lora)
         x = x + self.attn_scale.to(x.dtype) * a
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
+        return x + self.mlp_scale.to(x.dtype) * self._mlp(rms_norm(x) * self.norm_scale, lora)
+
+    def _mlp(self, x, lora):
+        return self.mlp(x) if lora is None else self.mlp(x) + lora["mlp"](x)
 
 
 class GPT(nn.Module):
@@ -220,9 +230,14 @@ class GPT(nn.Module):
                 # never get a gradient; an orthogonal projection of any width lets the table learn.
                 nn.init.orthogonal_(p)
 
-    def forward(self, ids, targets=None):
+    def forward(self, ids, targets=None, adapters=None):
         """Softcapped logits (B, T, vocab) for token ids (B, T); with `targets`, the per-token
-        negative log-likelihood in nats (B, T) from a full softmax over the vocabulary."""
+        negative log-likelihood in nats (B, T) from a full softmax over the vocabulary.
+
+        `adapters` (LoRA test-time training, runtime/lora_ttt.py) adds low-rank deltas through
+        this same forward: `adapters.layers[i]` is given to the i-th virtual layer's block and
+        `adapters.head` adds to the logits before the softcap. One forward for every use means
+        no hand-copied TTT forward can drift from the model (a record lost 0.8 bpb that way)."""
         x = self.tok_emb(ids)
         if self.bigram_emb is not None:
             x = x + self.bigram_emb(bigram_hash(ids, self.cfg.bigram_buckets))
@@ -233,8 +248,9 @@ class GPT(nn.Module):
         order = self.cfg.layer_order(self.looping)
         num_encoder = len(order) // 2
         skips = []
-        for layer in order[:num_encoder]:
-            x = self.blocks[layer](x, x0, ve)
+        lora = [None] * len(order) if adapters is None else adapters.layers
+        for i, layer in enumerate(order[:num_encoder]):
+            x = self.blocks[layer](x, x0, ve, lora[i])
             skips.append(x)
         for j, layer in enumerate(order[num_encoder:]):
             if skips:
@@ -243,9 +259,13 @@ class GPT(nn.Module):
                     x = x + skip
                 else:
                     x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
-            x = self.blocks[layer](x, x0, ve)
+            x = self.blocks[layer](x, x0, ve, lora[num_encoder + j])
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(self.final_norm(x), head.to(x.dtype)).float()
+        x = self.final_norm(x)
+        logits = F.linear(x, head.to(x.dtype))
+        if adapters is not None:
+            logits = logits + adapters.head(x)
+        logits = logits.float()
         cap = self.cfg.logit_softcap
         if cap > 0:
             logits = cap * torch.tanh(logits / cap)

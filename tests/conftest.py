@@ -48,6 +48,23 @@ def artifact(packed):
 
 
 @pytest.fixture(scope="session")
+def fixture_model(artifact, demo_data):
+    """(the artifact's model on CPU, the demo dataset's layout, its byte tables): what the
+    evaluation tests score with. Tests that adapt the model must deep-copy it."""
+    import torch
+
+    from runtime.artifact import Artifact
+    from runtime.cli import load_model, load_tokenizer
+    from runtime.data import find_data
+    from runtime.evaluate import byte_tables
+
+    art = Artifact(str(artifact))
+    layout = find_data(str(demo_data), 1024)
+    sp = load_tokenizer(layout.tokenizer, art.manifest, False)
+    return load_model(art.manifest, art.read, torch.device("cpu")), layout, byte_tables(sp, 1024), sp
+
+
+@pytest.fixture(scope="session")
 def clean_env(tmp_path_factory):
     """An environment where pgbuild's packages cannot be imported: a folder first on PYTHONPATH
     shadows them with packages that raise on import, so the artifact must bring its own runtime."""

@@ -172,7 +172,7 @@ def test_manifest_records_what_the_design_requires(artifact):
     assert all(s.startswith("fineweb_train_") for s in manifest["provenance"]["train_shards"])
     assert {"prequant_bpb", "standard_bpb", "sliding_bpb", "ttt_bpb"} <= set(manifest["metrics"])
     for stream in manifest["streams"]:
-        assert stream["codec"] in ("brotli", "lzma")
+        assert stream["codec"] in ("brotli", "lzma", "rans")
 
 
 def test_artifact_runs_under_torchrun_like_one_process(workdir, clean_env, demo_data):

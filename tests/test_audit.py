@@ -147,10 +147,10 @@ def test_weight_sections_describe_their_streams(which, request):
         assert s["stream"] == stream["name"] and s["codec"] == stream["codec"] and s["raw_bytes"] == stream["raw_bytes"]
         assert s["tensors"] >= 1 and s["params"] >= 1
         assert s["bits_per_param"] == pytest.approx(s["bytes"] * 8 / s["params"])
-        symbol_bytes = 2 if s["stream"].endswith("fp16") else 1
+        encoding = s["stream"].rsplit(".", 1)[1]  # intB, fp16, or u16 for the row orders
+        symbol_bytes = 2 if encoding in ("fp16", "u16") else 1
         assert s["params"] * symbol_bytes == s["raw_bytes"]
-        encoding = s["stream"].rsplit(".", 1)[1]
-        assert s["bits"] == (16 if encoding == "fp16" else int(encoding[3:]))
+        assert s["bits"] == (16 if symbol_bytes == 2 else int(encoding[3:]))
         # Order-0 entropy: positive, at most the nominal bits per symbol, and near what the codec reached.
         assert 0 < s["entropy_bytes"] <= s["params"] * s["bits"] / 8 + 1e-6
         if s["raw_bytes"] >= 1000:

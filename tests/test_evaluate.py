@@ -4,14 +4,11 @@ import copy
 
 import numpy as np
 import pytest
-import sentencepiece as spm
 import torch
 
-from runtime.artifact import Artifact
-from runtime.cli import load_model
 from runtime.config import EvalConfig
-from runtime.data import find_data, load_tokens
-from runtime.evaluate import byte_tables, evaluate, sliding_windows, target_bytes, trim_stream
+from runtime.data import load_tokens
+from runtime.evaluate import evaluate, sliding_windows, target_bytes, trim_stream
 
 CFG = EvalConfig(seq_len=64, stride=16, batch_seqs=8, ttt_chunk_tokens=256, ttt_epochs=1, ttt_lr=0.01,
                  ttt_batch_seqs=4)
@@ -19,13 +16,9 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def setup(artifact, demo_data):
-    art = Artifact(str(artifact))
-    model = load_model(art.manifest, art.read, CPU)
-    layout = find_data(str(demo_data), 1024)
-    sp = spm.SentencePieceProcessor(model_file=layout.tokenizer)
-    tokens = trim_stream(load_tokens(layout, "val", 1200), CFG.seq_len)
-    return model, tokens, byte_tables(sp, 1024), sp
+def setup(fixture_model):
+    model, layout, tables, sp = fixture_model
+    return model, trim_stream(load_tokens(layout, "val", 1200), CFG.seq_len), tables, sp
 
 
 @pytest.mark.parametrize("num_positions,seq_len,stride", [(1000, 64, 16), (64, 64, 16), (1000, 64, 64), (77, 64, 5)])
@@ -96,6 +89,15 @@ def test_ttt_scores_each_token_once_and_before_training_on_it(setup):
     assert (scored == 1).all() and not violations and trained
     assert max(b for _, b in trained) <= (len(tokens) - 1) // CFG.ttt_chunk_tokens * CFG.ttt_chunk_tokens
     assert np.isfinite(result.val_bpb)
+
+
+def test_compiled_scoring_matches_eager(setup):
+    """The GPU path's torch.compile (inductor on CPU here) changes speed, not scores."""
+    model, tokens, tables, _ = setup
+    import dataclasses
+    eager = evaluate(model, tokens[:257], tables, CFG, "sliding", CPU)
+    compiled = evaluate(copy.deepcopy(model), tokens[:257], tables, dataclasses.replace(CFG, compile=True), "sliding", CPU)
+    np.testing.assert_allclose(compiled.nll, eager.nll, rtol=0, atol=1e-4)
 
 
 def test_ttt_adapts_the_model(setup):

@@ -1,6 +1,7 @@
 """builder/pack.py: exact pack -> decode roundtrip, minified runtime, deterministic bytes."""
 
 import ast
+import dataclasses
 import io
 import zipfile
 
@@ -12,7 +13,7 @@ from builder.config import QuantConfig
 from builder.pack import PREAMBLE, StreamCompressor, build_artifact, minify, runtime_sources, write_atomic
 from builder.quantize import Choice, Quantizer
 from runtime.artifact import Artifact
-from runtime.codec import decode_state
+from runtime.codec import decode_state, decode_streams
 from runtime.errors import PgError
 
 INFO = {"model": {}, "eval": {}, "tokenizer_sha256": "0" * 64, "recipe": {}, "provenance": {}, "metrics": {}}
@@ -87,3 +88,69 @@ def test_write_atomic_refuses_directories(tmp_path):
     write_atomic(tmp_path / "a.py", b"data")
     assert (tmp_path / "a.py").read_bytes() == b"data"
     assert [p.name for p in tmp_path.iterdir()] == ["a.py"]
+
+
+def test_rans_is_kept_where_smallest(quantized):
+    blob = build_artifact(quantized, INFO, StreamCompressor(("brotli", "lzma", "rans")))
+    artifact = Artifact(io.BytesIO(blob)).verify()
+    codecs = {s["name"]: s["codec"] for s in artifact.manifest["streams"]}
+    assert codecs["mlp_fc.int6"] == "rans"  # Gaussian codes: no LZ match pays
+    decoded = decode_state(artifact.manifest, artifact.read)
+    for e in quantized:
+        assert torch.equal(decoded[e.name], e.dequantize()), e.name
+
+
+def test_row_order_and_transposition_decode_exactly(quantized):
+    """Near-duplicate rows make the greedy-order, transposed layout win under brotli."""
+    emb = next(e for e in quantized if e.name == "tok_emb.weight")
+    rows = np.repeat(emb.data[:1], len(emb.data), 0) + np.random.default_rng(0).integers(0, 2, emb.data.shape)
+    quantized = [dataclasses.replace(e, data=rows.astype(np.int8)) if e is emb else e for e in quantized]
+    assert "row_order" not in _entry(build_artifact(quantized, INFO, StreamCompressor(("brotli",))), "tok_emb.weight")
+    blob = build_artifact(quantized, INFO, StreamCompressor(("brotli",), reorder_groups=("tok_emb",)))
+    artifact = Artifact(io.BytesIO(blob)).verify()
+    entry = _entry(blob, "tok_emb.weight")
+    assert entry["transposed"] == 1 and "row_order" in entry
+    decoded = decode_state(artifact.manifest, artifact.read)
+    for e in quantized:
+        assert torch.equal(decoded[e.name], e.dequantize()), e.name
+
+
+def _entry(blob, name):
+    return next(t for t in Artifact(io.BytesIO(blob)).verify().manifest["tensors"] if t["name"] == name)
+
+
+def test_a_row_order_that_is_no_permutation_is_corrupt(quantized):
+    from runtime.codec import decode_tensor
+    e = quantized[1]
+    streams = [e.data.tobytes(), e.scales.tobytes(), np.zeros(e.data.shape[0], "<u2").tobytes()]
+    entry = {"name": e.name, "shape": list(e.shape), "enc": e.enc, "data": [0, 0, e.data.nbytes],
+             "scale": [1, 0, e.scales.nbytes], "row_order": [2, 0, 2 * e.data.shape[0]]}
+    with pytest.raises(PgError, match="not a permutation"):
+        decode_tensor(entry, streams)
+
+
+def test_the_trained_artifact_evaluates_identically_after_repacking_with_rans(artifact):
+    from builder.quantize import Encoded
+    art = Artifact(artifact).verify()
+    manifest, before = art.manifest, decode_state(art.manifest, art.read)
+    streams = decode_streams(manifest, art.read)
+    encoded = []
+    for t in manifest["tensors"]:
+        (i, o, n), shape = t["data"], tuple(t["shape"])
+        if t["enc"] == "fp16":
+            encoded.append(Encoded(t["name"], "fp16", shape, np.frombuffer(streams[i], "<f2", n // 2, o).reshape(shape)))
+        else:
+            codes = np.frombuffer(streams[i], np.int8, n, o)
+            codes = codes.reshape(-1, shape[0]).T if t.get("transposed") else codes.reshape(shape[0], -1)
+            if "row_order" in t:  # the fixture itself was packed with the greedy layout
+                ri, ro, rn = t["row_order"]
+                codes = codes[np.argsort(np.frombuffer(streams[ri], "<u2", rn // 2, ro))]
+            si, so, sn = t["scale"]
+            encoded.append(Encoded(t["name"], t["enc"], shape, np.ascontiguousarray(codes),
+                                   np.frombuffer(streams[si], "<f2", sn // 2, so)))
+    info = {k: manifest[k] for k in INFO}
+    blob = build_artifact(encoded, info, StreamCompressor(("brotli", "lzma", "rans")))
+    repacked = Artifact(io.BytesIO(blob)).verify()
+    assert "rans" in {s["codec"] for s in repacked.manifest["streams"]}
+    after = decode_state(repacked.manifest, repacked.read)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from builder.budget import measured_bytes
 from builder.config import QuantConfig
-from builder.quantize import Quantizer, encode_matrix, gptq, hessian_error, matrix_group, sdclip_scales
+from builder.quantize import Choice, Quantizer, encode_matrix, gptq, hessian_error, matrix_group, sdclip_scales
+from runtime.errors import PgError
 
 
 def correlated_problem(rows=48, cols=96, seed=0):
@@ -73,3 +75,64 @@ def test_matrix_groups():
     assert matrix_group("blocks.3.mlp.proj.weight") == "mlp_proj"
     assert matrix_group("tok_emb.weight") == "tok_emb"
     assert matrix_group("blocks.3.attn_scale") is None
+
+
+def skewed_problem(rows=64, cols=128, seed=1):
+    """Weights with a correlated Hessian whose diagonal spans about e^±3: column energy varies, so
+    ranking ±1 codes by s² alone and by s² H_jj disagree."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g) * (torch.randn(rows, 1, generator=g) * 0.5).exp()
+    mix = torch.randn(cols, cols, generator=g) / cols ** 0.5 + torch.eye(cols)
+    x = torch.randn(8 * cols, cols, generator=g) @ mix * (1.5 * torch.randn(cols, generator=g)).exp()
+    return w, x.T @ x / x.size(0)
+
+
+def pruning_quantizer(**quant):
+    w, h = skewed_problem()
+    name = "blocks.0.mlp.fc.weight"
+    return Quantizer({name: w}, {name: h}, QuantConfig(gptq_block=64, passthrough_max_numel=1000, **quant)), name
+
+
+def independent_costs(encoded, h, col_scale=None):
+    """s_i² H_jj / c_j² for every code, written out from the decoder's formula (W = q s / c)."""
+    c2 = 1.0 if col_scale is None else col_scale.astype(np.float64)[None, :] ** 2
+    return encoded.scales.astype(np.float64)[:, None] ** 2 * torch.diag(h).double().numpy()[None, :] / c2
+
+
+@pytest.mark.parametrize("transform", [None, "awq"])
+def test_pruning_zeros_only_plus_minus_one_codes_cheapest_first(transform):
+    quantizer, name = pruning_quantizer()
+    h = quantizer.hessians[name]
+    full = quantizer.encode(name, Choice(4, transform=transform))
+    pruned = quantizer.encode(name, Choice(4, transform=transform, prune=0.3))
+    changed = full.data != pruned.data
+    assert (np.abs(full.data[changed]) == 1).all() and (pruned.data[changed] == 0).all()
+    plus_minus_one = np.abs(full.data) == 1
+    assert changed.sum() == round(0.3 * plus_minus_one.sum())
+    costs = independent_costs(full, h, full.extras["col_scale"][0] if transform else None)
+    # Hessian-weighted order: on this Hessian, ranking by s² alone would break this.
+    assert costs[changed].max() <= costs[plus_minus_one & ~changed].min() * (1 + 1e-6)
+
+
+def test_pruned_candidate_is_smaller_and_errs_more_measured_like_the_others():
+    quantizer, name = pruning_quantizer()
+    w, h = quantizer.state[name], quantizer.hessians[name]
+    full, pruned = quantizer.encode(name, Choice(5)), quantizer.encode(name, Choice(5, prune=0.5))
+    assert measured_bytes(pruned) < measured_bytes(full)
+    assert pruned.error > full.error
+    assert pruned.error == pytest.approx(hessian_error(w, pruned.dequantize(), h), rel=1e-9)
+    more = quantizer.encode(name, Choice(5, prune=1.0))
+    assert measured_bytes(more) < measured_bytes(pruned) and more.error > pruned.error
+
+
+def test_prune_fractions_add_pruned_copies_of_every_candidate():
+    plain, name = pruning_quantizer(rd_bits=(4, 6), transforms=("awq",))
+    with_pruning, _ = pruning_quantizer(rd_bits=(4, 6), transforms=("awq",), prune_fractions=(0.25, 0.5))
+    base = plain.candidates(name)
+    assert all(c.prune == 0 for c in base)
+    assert set(with_pruning.candidates(name)) == set(base + [c._replace(prune=f) for c in base for f in (0.25, 0.5)])
+
+
+def test_prune_fraction_out_of_range_is_refused():
+    with pytest.raises(PgError, match="prune_fractions"):
+        pruning_quantizer(prune_fractions=(1.5,))

@@ -111,7 +111,7 @@ def train_before_scoring(sources):
     loop = [n for n in ttt.body if isinstance(n, ast.For)][-1]
     loop.body[:0] = _code("""
         train_on_positions(model, optimizer, tokens, c * chunk, min((c + 1) * chunk, num_positions), cfg, cfg.ttt_lr,
-                           ranks, device, on_train)
+                           cfg.ttt_epochs, ranks, device, on_train)
     """)
     sources["runtime.evaluate"] = ast.unparse(ast.fix_missing_locations(tree))
     return sources
@@ -131,11 +131,15 @@ def test_cli_verify_passes_the_real_artifact(artifact, demo_data):
     proc = run_pgbuild("verify", artifact, "--data", demo_data, *CLI_SMALL, "--probes", 2, "--json")
     report = json.loads(proc.stdout)
     assert proc.returncode == 0 and report["passed"] and report["executes_artifact_code"]
-    assert set(report["modes"]) == {"standard", "sliding", "ttt"} and failed(report) == {m: [] for m in report["modes"]}
-    ttt = report["modes"]["ttt"]["checks"]
+    assert set(report["modes"]) == {"standard", "sliding", "ttt", "lora"}
+    assert failed(report) == {m: [] for m in report["modes"]}
+    ttt, lora = report["modes"]["ttt"]["checks"], report["modes"]["lora"]["checks"]
     # The evidence is real: updates happened on scored positions only, every position scored once.
     assert ttt["score_first"]["train_rows"] == 3 and ttt["score_first"]["trained_positions"] == 384
     assert ttt["single_pass"]["positions"] == 512 and ttt["single_pass"]["never_scored"] == 0
+    # LoRA: 512 positions of one document in chunks of 32, an adapter step after each but the last.
+    assert lora["score_first"]["train_rows"] == 15 and lora["score_first"]["trained_positions"] == 480
+    assert lora["single_pass"]["positions"] == 512 and lora["single_pass"]["never_scored"] == 0
     for mode in report["modes"].values():
         causal = mode["checks"]["causal"]
         assert len(causal["cuts"]) == 2 and all(c["mean_dnll_after"] > 0.1 for c in causal["cuts"])
