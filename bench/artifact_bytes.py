@@ -2,8 +2,9 @@
 
     python bench/artifact_bytes.py artifact.py [--streams]
 
-Prints: file size, container overhead (file minus member payloads), runtime code bytes, and the
-weight payload against (a) the records' scheme on the same quantized codes — torch.save of the
+Prints: file size, container overhead (file minus member payloads), runtime code bytes, the
+time the runtime takes to verify every member and decode the weights into its model (what
+`python artifact.py eval` does before scoring, one process on the CPU), and the weight payload against (a) the records' scheme on the same quantized codes — torch.save of the
 int8 codes and fp16 scales, byte-shuffled, brotli-11 — and (b) the order-0 entropy of the symbols.
 With --streams, also every integer code stream under brotli-11 / LZMA / rans, as quantized and in
 greedy row order transposed (+ its row orders' bytes), and the rans decode time of 16 M symbols
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from runtime.artifact import Artifact
+from runtime.cli import load_model
 from builder.layout import RowOrders, nn_columns
 from builder.pack import compress
 from runtime.codec import decode_streams
@@ -88,7 +90,17 @@ def stream_report(manifest, streams):
               f"decode {t2 - t1:.2f} s")
 
 
+def decode_seconds(path):
+    """Wall seconds to open the artifact, check every member's SHA-256 and build the model with
+    its decoded weights, as the runtime does before scoring."""
+    t0 = time.perf_counter()
+    art = Artifact(path).verify()
+    load_model(art.manifest, art.read, torch.device("cpu"))
+    return time.perf_counter() - t0
+
+
 def main(path, streams_too=False):
+    seconds = decode_seconds(path)
     art = Artifact(path).verify()
     manifest = art.manifest
     size = os.path.getsize(path)
@@ -130,6 +142,7 @@ def main(path, streams_too=False):
         print(f"{label:<56} {value:>12,}")
     print(f"{'pgbuild / records scheme':<56} {weights_packed / records:>12.4f}")
     print(f"{'pgbuild / order-0 entropy':<56} {weights_packed / entropy:>12.4f}")
+    print(f"{'runtime: verify members + decode weights into the model':<56} {seconds:>10.2f} s")
     if streams_too:
         stream_report(manifest, streams)
 

@@ -30,7 +30,7 @@ from runtime.cli import load_model
 from runtime.data import find_data
 from runtime.evaluate import byte_tables, evaluate
 
-CLIP_SEARCH = (0.35, 0.5, 0.7, 1.0)
+CLIP_SEARCH = RECIPES["best"]["clip_search"]
 PRUNE_FRACTIONS = (0.1, 0.25, 0.5)
 ROWS = {
     "r0409": {},
@@ -46,8 +46,6 @@ ROWS = {
     "rd + awq + clip search": dict(allocation="rd", transforms=("awq",), clip_search=CLIP_SEARCH),
     "rd + awq + hadamard + clip search": dict(allocation="rd", transforms=("hadamard", "awq"),
                                               clip_search=CLIP_SEARCH),
-    "all techniques": dict(allocation="rd", hessian_clip_lambda=0.175, control_int8=True, lqer_rank=4,
-                           transforms=("hadamard", "awq"), clip_search=CLIP_SEARCH),
     "best": "best",
     "rd + prune candidates": dict(allocation="rd", prune_fractions=PRUNE_FRACTIONS),
     "best + prune candidates": dict(RECIPES["best"], prune_fractions=PRUNE_FRACTIONS),

@@ -212,12 +212,15 @@ RECIPES = {
     "r0409": dict(matrix_bits=6, matrix_clip_k=12.85, mlp_clip_k=12.85, embed_bits=8, embed_clip_k=20.0,
                   hessian_clip_lambda=0.0, clip_search=(), control_int8=False, allocation="fit", transforms=(),
                   lqer_rank=0),
-    "best": dict(allocation="rd", transforms=("awq",)),
+    "best": dict(allocation="rd", hessian_clip_lambda=0.175, clip_search=(0.35, 0.5, 0.7, 1.0), control_int8=True,
+                 transforms=("hadamard", "awq"), lqer_rank=4),
 }
 """Quantization recipes: named overrides of the `quant` section. `r0409` is the 2026-04-09
-record's (GPTQ + SDClip, int6 k=12.85 matrices, int8 k=20 embedding, fp16 passthrough); `best`
-is the combination that measured best at equal bytes (BENCHMARKS.md, quantization ablation):
-rate-distortion allocation with loss-calibrated errors, and AWQ as a per-tensor candidate."""
+record's (GPTQ + SDClip, int6 k=12.85 matrices, int8 k=20 embedding, fp16 passthrough). `best`
+is every technique at once, which measured best at equal bytes on the model trained on
+../shared/corpus (0.17x r0409's quantization gap; BENCHMARKS.md, quantization ablation):
+rate-distortion allocation with loss-calibrated errors over bit widths, clip multipliers and
+Hadamard/AWQ candidates, Hessian-aware SDClip, int8 control tensors and LQER."""
 
 
 def apply_recipe(preset, recipe):
