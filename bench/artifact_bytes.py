@@ -21,10 +21,10 @@ import brotli
 import numpy as np
 import torch
 
-from runtime.artifact import Artifact
-from runtime.cli import load_model
 from builder.layout import RowOrders, nn_columns
 from builder.pack import compress
+from runtime.artifact import Artifact
+from runtime.cli import load_model
 from runtime.codec import decode_streams
 from runtime.rans import decode as rans_decode
 

@@ -18,10 +18,10 @@ from importlib import resources
 from pathlib import Path
 
 import runtime
-from builder.quantize import matrix_group
-from runtime.artifact import BOOTSTRAP, MANIFEST
 from builder.entropy import encode as rans_encode
 from builder.layout import RowOrders, nn_columns, reorderable
+from builder.quantize import matrix_group
+from runtime.artifact import BOOTSTRAP, MANIFEST
 from runtime.codec import LZMA_FILTERS, byte_shuffle
 from runtime.codec import compress as lz_compress
 from runtime.errors import PgError

@@ -1,6 +1,7 @@
 """runtime/evaluate.py: byte accounting, window coverage, and the legality of every mode."""
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -46,7 +47,6 @@ def test_byte_counts_follow_the_challenge(setup):
 def test_stride_equal_to_seq_len_is_standard(setup):
     model, tokens, tables, _ = setup
     standard = evaluate(model, tokens, tables, CFG, "standard", CPU)
-    import dataclasses
     sliding = evaluate(model, tokens, tables, dataclasses.replace(CFG, stride=CFG.seq_len), "sliding", CPU)
     assert np.array_equal(standard.nll, sliding.nll)
 
@@ -94,7 +94,6 @@ def test_ttt_scores_each_token_once_and_before_training_on_it(setup):
 def test_compiled_scoring_matches_eager(setup):
     """The GPU path's torch.compile (inductor on CPU here) changes speed, not scores."""
     model, tokens, tables, _ = setup
-    import dataclasses
     eager = evaluate(model, tokens[:257], tables, CFG, "sliding", CPU)
     compiled = evaluate(copy.deepcopy(model), tokens[:257], tables, dataclasses.replace(CFG, compile=True), "sliding", CPU)
     np.testing.assert_allclose(compiled.nll, eager.nll, rtol=0, atol=1e-4)

@@ -91,8 +91,10 @@ def test_causality_with_phases(setup):
     every earlier score unchanged, even though later phases train on the perturbed text.
 
     The noise erases the later BOS tokens, so the fourth document runs to the end of the stream
-    and its batch holds fewer rows: matrix products of another shape round differently (1e-6
-    here), which is why the check has a tolerance, as `pgbuild verify`'s does."""
+    and its batch holds fewer rows: matrix products of another shape round differently (1.2e-6
+    nats here), hence the tolerance. `pgbuild verify` allows only 1e-6 plus replay noise and
+    does flag this on a real artifact (BENCHMARKS.md, evaluation modes on CPU); the fix is
+    forwards of a fixed row count, whose padding rows verify's recorder does not yet accept."""
     model, tokens, tables = setup
     t = documents(tokens, model.cfg.bos_id)[3][0] + 100
     perturbed = tokens.copy()
