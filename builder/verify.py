@@ -165,10 +165,18 @@ class Trace:
     """|sum(softmax(z)) - 1| at each scored position."""
     vocab_widths: set
     counts: dict
-    """Forward and report tallies: scoring_rows, unclaimed_rows, extra_reports, unmatched_reports,
-    train_rows, unreported_train_rows, mismatched_train_rows, train_violations, trained_positions."""
+    """Forward and report tallies: scoring_rows, padding_rows, unclaimed_rows, extra_reports,
+    unmatched_reports, train_rows, unreported_train_rows, mismatched_train_rows, train_violations,
+    trained_positions."""
     examples: dict = field(default_factory=dict)
     """A few offending ranges per kind of violation, as evidence."""
+
+
+def is_padding(x, y):
+    """Rows that hold token 0 and nothing else, inputs and targets: an evaluator may pad a forward
+    to a fixed shape with them. They carry no stream token, so they need no report; anything else
+    in a forward must be reported scored or trained on."""
+    return len(x) > 0 and not x.any() and (y is None or not y.any())
 
 
 class Recorder:
@@ -190,8 +198,8 @@ class Recorder:
         self.norm_gap = np.full(P, np.nan, np.float64)
         self.mass_err = np.full(P, np.nan, np.float64)
         self.vocab_widths = set()
-        self.counts = dict.fromkeys(("scoring_rows", "unclaimed_rows", "extra_reports", "unmatched_reports",
-                                     "train_rows", "unreported_train_rows", "mismatched_train_rows",
+        self.counts = dict.fromkeys(("scoring_rows", "padding_rows", "unclaimed_rows", "extra_reports",
+                                     "unmatched_reports", "train_rows", "unreported_train_rows", "mismatched_train_rows",
                                      "train_violations"), 0)
         self.trained = np.zeros(P, bool)
         self.examples = {}
@@ -253,6 +261,10 @@ class Recorder:
 
     def _close_batch(self):
         if self.batch is not None:
+            rest = slice(self.batch["next_row"], None)
+            if is_padding(self.batch["x"][rest], None if self.batch["y"] is None else self.batch["y"][rest]):
+                self.counts["padding_rows"] += len(self.batch["x"]) - self.batch["next_row"]
+                self.batch["next_row"] = len(self.batch["x"])
             unclaimed = len(self.batch["x"]) - self.batch["next_row"]
             if unclaimed:
                 self.counts["unclaimed_rows"] += unclaimed
@@ -263,6 +275,9 @@ class Recorder:
         x = ids.detach().cpu().numpy().astype(np.int64)
         y = None if targets is None else targets.detach().cpu().numpy().astype(np.int64)
         for r in range(len(x)):
+            if is_padding(x[r:r + 1], None if y is None else y[r:r + 1]):
+                self.counts["padding_rows"] += 1
+                continue
             self.counts["train_rows"] += 1
             if not self.train_reports:
                 self.counts["unreported_train_rows"] += 1
@@ -435,9 +450,10 @@ def check_single_pass(trace, atol):
     passed = (returned and never == 0 and repeated == 0 and drift <= atol and c["unclaimed_rows"] == 0
               and c["extra_reports"] == 0 and c["unmatched_reports"] == 0)
     summary = (f"{trace.times_scored.size} positions: {never} never scored, {repeated} scored more than once; "
-               f"{c['unclaimed_rows']} of {c['scoring_rows']} scoring rows unreported, {c['unmatched_reports']} "
-               f"reports not matching the stream; max |returned − forward NLL| {drift:.3g}")
-    keys = ("scoring_rows", "unclaimed_rows", "extra_reports", "unmatched_reports")
+               f"{c['unclaimed_rows']} of {c['scoring_rows']} scoring rows unreported ({c['padding_rows']} all-zero "
+               f"padding), {c['unmatched_reports']} reports not matching the stream; max |returned − forward NLL| "
+               f"{drift:.3g}")
+    keys = ("scoring_rows", "padding_rows", "unclaimed_rows", "extra_reports", "unmatched_reports")
     return Check(passed, summary, {"positions": int(trace.times_scored.size), "never_scored": never,
                                    "scored_more_than_once": repeated, "max_returned_vs_forward": drift,
                                    **{k: c[k] for k in keys},

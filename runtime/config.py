@@ -174,6 +174,10 @@ class EvalConfig(ConfigBase):
     """LoRA TTT: AdamW decoupled weight decay (RTOP 0.5)."""
     lora_batch_docs: int = 64
     """LoRA TTT: documents adapted side by side, each with its own adapters, in one batch."""
+    lora_group_rows: int = 64
+    """LoRA TTT: rows in every forward (at most lora_batch_docs); the running documents are
+    packed into forwards of exactly this many rows, padding the last. A fixed shape keeps the
+    rounding of earlier documents' scores independent of how long later documents run."""
     lora_phase_docs: int = 2500
     """Phased TTT: the base weights are trained on the first this-many scored documents, in
     lora_phases cumulative phases (RTOP 2500); 0 keeps the base weights fixed."""
@@ -190,5 +194,5 @@ class EvalConfig(ConfigBase):
             raise PgError(f"eval: lora_betas needs two values, got {self.lora_betas}")
         object.__setattr__(self, "lora_betas", betas)
         if min(self.seq_len, self.stride, self.batch_seqs, self.lora_chunk_tokens, self.lora_rank,
-               self.lora_batch_docs) < 1 or self.lora_chunk_tokens > self.seq_len:
+               self.lora_batch_docs, self.lora_group_rows) < 1 or self.lora_chunk_tokens > self.seq_len:
             raise PgError("eval: sizes must be positive and lora_chunk_tokens at most seq_len")

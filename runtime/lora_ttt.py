@@ -19,6 +19,10 @@ Two choices differ from the record, both to keep every score provably legal:
   every document scored so far, and had those included documents that come later in the stream,
   earlier scores would depend on later tokens (C1). Padding stays small either way, since all of
   a batch's rows have the same width except those in their document's last chunk.
+- Every forward has the same number of rows (`lora_group_rows`, all-zero rows padding the last
+  group). When fewer documents run beside a document, its matrix products change shape and round
+  differently; later tokens decide how long later documents run, so with a varying row count they
+  moved earlier scores by up to 1e-5 nats, which `pgbuild verify` flags.
 """
 
 import math
@@ -98,60 +102,81 @@ def chunk_window(doc, c, chunk, seq_len):
     return max(first, chunk_end - seq_len), chunk_start, chunk_end
 
 
-def window_batch(tokens, rows, width, device):
-    """(x, y) for windows [(start, chunk start, end)], right-padded to `width`: one width per
-    step, so a row's numbers never depend on its neighbours' lengths."""
-    x = torch.zeros(len(rows), width, dtype=torch.int64)
-    y = torch.zeros(len(rows), width, dtype=torch.int64)
+def groups(items, size):
+    """`items` cut into runs of `size`, in order."""
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def window_batch(tokens, rows, num_rows, width, device):
+    """(x, y) for windows [(start, chunk start, end)], right-padded to `width` and, with all-zero
+    padding rows, to `num_rows`. Both are fixed by the configuration and the chunk index alone:
+    a matrix product of another shape rounds differently, so a shape that depended on how many
+    later documents are still running would let later tokens move earlier scores (1e-5 nats)."""
+    x = torch.zeros(num_rows, width, dtype=torch.int64)
+    y = torch.zeros(num_rows, width, dtype=torch.int64)
     for r, (start, _, end) in enumerate(rows):
         x[r, :end - start] = tokens[start:end]
         y[r, :end - start] = tokens[start + 1:end + 1]
     return x.to(device), y.to(device)
 
 
-def adapter_step(model, adapters, optimizer, x, y, rows, device):
-    """One AdamW step on each row's mean NLL over its chunk (its last chunk end - chunk start
-    columns). Summing per-document means keeps the documents' gradients apart."""
+def select_rows(adapters, docs, num_rows, device):
+    """Row r uses document docs[r]'s adapters; padding rows use document 0's, to no effect (they
+    are never scored and their loss weight is zero)."""
+    adapters.select(torch.tensor(list(docs) + [0] * (num_rows - len(docs)), device=device))
+
+
+def accumulate_adapter_grads(model, adapters, x, y, rows, device):
+    """Add the gradient of each row's mean NLL over its chunk (its last chunk end - chunk start
+    columns) to its document's adapters. Summing per-document means keeps the documents'
+    gradients apart; padding rows weigh nothing."""
     with autocast(device):
         losses = model(x, y, adapters=adapters)
     mask = torch.zeros_like(losses)
     for j, (start, chunk_start, _) in enumerate(rows):
         mask[j, chunk_start - start:] = 1
-    loss = ((losses * mask).sum(1) / mask.sum(1)).sum()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    ((losses * mask).sum(1) / mask.sum(1).clamp(min=1)).sum().backward()
 
 
 def adapt_batch(model, tokens, docs, first_doc, nll, cfg, device, on_score=None, on_train=None):
     """Score `docs` (the stream's documents first_doc, first_doc+1, ...) chunk by chunk, each
-    document adapting its own LoRA after each chunk but its last."""
+    document adapting its own LoRA after each chunk but its last. The documents still running
+    go through forwards of exactly `lora_group_rows` rows, in stream order, so a document's row
+    count and place in its forward depend on earlier documents only."""
     doc_ids = range(first_doc, first_doc + len(docs))
     adapters = DocAdapters(model.cfg, len(model.cfg.layer_order(model.looping)), doc_ids, cfg).to(device)
     optimizer = torch.optim.AdamW(adapters.parameters(), lr=cfg.lora_lr, betas=cfg.lora_betas, eps=cfg.lora_eps,
                                   weight_decay=cfg.lora_weight_decay)
     chunk, lengths = cfg.lora_chunk_tokens, [end - first for first, end in docs]
+    num_rows = min(cfg.lora_group_rows, cfg.lora_batch_docs)
     for c in range(math.ceil(max(lengths) / chunk)):
+        width = min((c + 1) * chunk, cfg.seq_len)
         active = [i for i, n in enumerate(lengths) if n > c * chunk]
-        rows = [chunk_window(docs[i], c, chunk, cfg.seq_len) for i in active]
-        x, y = window_batch(tokens, rows, min((c + 1) * chunk, cfg.seq_len), device)
-        adapters.select(torch.tensor(active, device=device))
-        with torch.no_grad(), autocast(device):
-            scores = model(x, y, adapters=adapters)
-        for r, (start, chunk_start, end) in enumerate(rows):
-            nll[chunk_start:end] = scores[r, chunk_start - start:end - start]
-            if on_score is not None:
-                on_score(chunk_start, end)
-        # Rows still mid-document (always full width) train on the chunk just scored.
-        training = [r for r, i in enumerate(active) if rows[r][2] < docs[i][1]]
+        windows = {i: chunk_window(docs[i], c, chunk, cfg.seq_len) for i in active}
+        for group in groups(active, num_rows):
+            rows = [windows[i] for i in group]
+            x, y = window_batch(tokens, rows, num_rows, width, device)
+            select_rows(adapters, group, num_rows, device)
+            with torch.no_grad(), autocast(device):
+                scores = model(x, y, adapters=adapters)
+            for r, (start, chunk_start, end) in enumerate(rows):
+                nll[chunk_start:end] = scores[r, chunk_start - start:end - start]
+                if on_score is not None:
+                    on_score(chunk_start, end)
+        # Documents still mid-way (their rows always full width) train on the chunk just scored.
+        training = [i for i in active if windows[i][2] < docs[i][1]]
         if not training:
             continue
-        if on_train is not None:
-            for r in training:
-                on_train(rows[r][0], rows[r][2])
-        adapters.select(torch.tensor([active[r] for r in training], device=device))
-        index = torch.tensor(training, device=device)
-        adapter_step(model, adapters, optimizer, x[index], y[index], [rows[r] for r in training], device)
+        optimizer.zero_grad(set_to_none=True)
+        for group in groups(training, num_rows):
+            rows = [windows[i] for i in group]
+            if on_train is not None:
+                for start, _, end in rows:
+                    on_train(start, end)
+            x, y = window_batch(tokens, rows, num_rows, width, device)
+            select_rows(adapters, group, num_rows, device)
+            accumulate_adapter_grads(model, adapters, x, y, rows, device)
+        optimizer.step()
 
 
 def train_base(model, tokens, end, cfg, ranks, device, on_train=None):

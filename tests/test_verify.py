@@ -10,11 +10,12 @@ import sys
 import textwrap
 import zipfile
 
+import numpy as np
 import pytest
 from rich.console import Console
 
 from builder.pack import PREAMBLE, ZIP_EPOCH, bootstrap_source, write_atomic
-from builder.verify import render, verify_artifact
+from builder.verify import is_padding, render, verify_artifact
 from conftest import run_pgbuild
 from runtime.artifact import BOOTSTRAP, MANIFEST, Artifact
 from runtime.codec import LZMA_FILTERS
@@ -208,3 +209,12 @@ def test_bad_requests_are_one_line_errors(artifact, demo_data):
     assert bad.returncode == 2 and bad.stderr.startswith("error: --set") and "Traceback" not in bad.stderr
     one_chunk = run_pgbuild("verify", artifact, "--data", demo_data, "--tokens", 300, check=False)
     assert one_chunk.returncode == 2 and "one TTT chunk" in one_chunk.stderr
+
+
+def test_only_rows_of_token_zero_alone_count_as_padding():
+    """Padding rows need no report; a row with any stream token in it still does."""
+    zeros = np.zeros((2, 4), np.int64)
+    assert is_padding(zeros, zeros) and is_padding(zeros, None)
+    hidden = zeros.copy()
+    hidden[1, 3] = 5
+    assert not is_padding(hidden, zeros) and not is_padding(zeros, hidden)
