@@ -9,9 +9,12 @@ see how far each codec is from its limit and which part of the model is worth sq
 The artifact is read as data only. It is a runnable program whose `__main__.py` would execute
 bundled code, and a file handed to an auditor must not be trusted: nothing here imports, execs or
 zipimports it. Checksums are verified through `runtime.artifact.Artifact` (which uses `zipfile`
-only), and the zip layout is read from the raw bytes with `struct`.
+only), and the zip layout is read from the raw bytes with `struct`. Checksums prove integrity, not
+origin (a file rewritten whole recomputes them): builder/canonical.py compares its code with what
+this pgbuild writes.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -26,6 +29,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from builder.canonical import code_report, submission_check
 from builder.quantize import matrix_group
 from runtime.artifact import BOOTSTRAP, MANIFEST, Artifact
 from runtime.codec import decode_streams, decompress
@@ -338,7 +342,7 @@ def code_details(art, sections):
             s["raw_bytes"] = len(decompress("lzma", art.read("runtime.xz")))
 
 
-def audit_report(path, budget_bytes=DEFAULT_BUDGET):
+def audit_report(path, budget_bytes=DEFAULT_BUDGET, submission_path=None):
     """The full audit of one artifact as a JSON-ready dict (see the `audit` command's help)."""
     blob, art = open_verified(path)
     try:
@@ -347,6 +351,7 @@ def audit_report(path, budget_bytes=DEFAULT_BUDGET):
         refs = stream_sections(manifest, art, sections)
         by_group, by_layer = weight_breakdowns(manifest, refs, sections)
         code_details(art, sections)
+        code = code_report(art, blob[:min(i.header_offset for i in art.zip.infolist())])
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise PgError(f"{path}: the manifest is malformed ({type(e).__name__}: {e}); "
                       "this is not a pgbuild artifact") from None
@@ -357,8 +362,10 @@ def audit_report(path, budget_bytes=DEFAULT_BUDGET):
         raise PgError(f"{path}: internal error: sections do not add up to the file size")
     by_role = {role: sum(s["bytes"] for s in sections if s["role"] == role) for role in ROLES}
     by_role.update({s["role"]: by_role.get(s["role"], 0) for s in sections if s["role"] not in by_role})
+    sha256 = hashlib.sha256(blob).hexdigest()
     return {
-        "artifact": str(path), "format": manifest.get("format"),
+        "artifact": str(path), "format": manifest.get("format"), "sha256": sha256,
+        "submission": submission_check(path, sha256, submission_path), "code": code,
         "total_bytes": total, "budget_bytes": budget_bytes, "headroom": budget_bytes - total,
         "over_budget": total > budget_bytes,
         "sections": sections, "by_role": by_role,
@@ -484,8 +491,26 @@ def metrics_table(report):
     return table
 
 
+def integrity_lines(report):
+    """What the checksums proved, whether the code is what this pgbuild writes, and the file's
+    SHA-256 against the submission's."""
+    code = report["code"]
+    marks = {True: "[green]canonical[/]", False: "[bold red]NOT canonical[/]", None: "[yellow]not checked[/]"}
+    shown = ", ".join(f"{name} {marks[flag]}" for name, flag in code["canonical"].items())
+    against = (f"pgbuild {code['checked_with']}" if code["built_by"] == code["checked_with"] else
+               f"built by pgbuild {code['built_by']}, this is {code['checked_with']}: cannot reproduce its code")
+    lines = ["CRC-32 and SHA-256 of every member verified", f"code ({against}): {shown}", f"sha256 {report['sha256']}"]
+    sub = report["submission"]
+    if sub:
+        verdict = {True: "[green]matches[/]", False: "[bold red]DIFFERS from[/]", None: "no artifact_sha256 in"}
+        lines[-1] += f" ({verdict[sub['matches']]} {sub['path']})"
+    return lines
+
+
 def render_report(console, report):
     console.print(f"[bold]{report['artifact']}[/]: {report['summary']}")
+    for line in integrity_lines(report):
+        console.print(line)
     console.print(roles_table(report))
     console.print(streams_table(report))
     weights = report["by_role"].get("weights", 0)
@@ -528,8 +553,11 @@ def write_plot(path, reports):
     """A PNG of where the bytes go: a stacked bar per artifact by role against the budget, and
     bars by tensor group and by layer. Uses the Agg canvas directly (no pyplot global state) and
     writes under a temporary name that is renamed into place."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise PgError("--plot needs matplotlib, which is not installed: pip install 'pgbuild[plot]'") from None
 
     path = os.path.abspath(path)
     if os.path.isdir(path):
@@ -614,15 +642,19 @@ def report_console():
 @click.option("--plot", "plot_path", type=click.Path(), help="write a PNG of where the bytes go")
 @click.option("--budget-bytes", type=click.IntRange(min=1), default=DEFAULT_BUDGET, show_default=True,
               help="the size limit the headroom is measured against")
-def audit(artifact, as_json, other, plot_path, budget_bytes):
+@click.option("--submission", "submission_path", type=click.Path(dir_okay=False),
+              help="a submission.json whose artifact_sha256 to check (default: one beside ARTIFACT, if any)")
+def audit(artifact, as_json, other, plot_path, budget_bytes, submission_path):
     """Byte-budget report of ARTIFACT, read as data and never executed.
 
     Sections (preamble, zip headers, each member, central directory) sum to the file size exactly;
     weight streams show raw, compressed and order-0 entropy sizes and bits per parameter; weight
     bytes are also split by tensor group and by layer, in proportion to each tensor's raw payload
-    within its stream.
+    within its stream. Every member's CRC-32 and SHA-256 are checked first; the preamble, bootstrap
+    and runtime are compared byte for byte with what this pgbuild writes (`canonical`), and the
+    file's SHA-256 with a submission.json's.
     """
-    report = audit_report(artifact, budget_bytes)
+    report = audit_report(artifact, budget_bytes, submission_path)
     compared = audit_report(other, budget_bytes) if other else None
     if plot_path:
         write_plot(plot_path, [report] + ([compared] if compared else []))

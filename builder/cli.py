@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import click
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -14,6 +15,7 @@ from builder.config import PRESETS, RECIPES, SECTIONS, Preset, apply_overrides, 
 from builder.audit import audit, report_console
 from builder.cli_data import data
 from builder.runs import record, runs
+from builder.threads import threads_option
 from builder.verify import verify
 from runtime.errors import PgError
 from runtime.evaluate import MODES
@@ -61,10 +63,10 @@ def resolve_preset(name, config_file, assignments, recipe=None):
     return apply_overrides(preset, assignments)
 
 
-def preset_options(f):
+def preset_options(f, default="tiny"):
     f = click.option("--set", "assignments", multiple=True, metavar="SECTION.FIELD=VALUE", help=_set_help())(f)
     f = click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with [model], [train], [quant], [eval] tables")(f)
-    f = click.option("--preset", default="tiny", show_default=True, type=click.Choice(list(PRESETS)), help="named configuration")(f)
+    f = click.option("--preset", default=default, show_default=True, type=click.Choice(list(PRESETS)), help="named configuration")(f)
     return f
 
 
@@ -130,7 +132,7 @@ def _train(preset, data, run=None, checkpoint=None, resume=None):
                    save=_checkpoint_saver(checkpoint, preset, ctx) if checkpoint else None,
                    on_log=run.write_log if run is not None and main_rank else None)
     if run is not None and main_rank and not run.write_loss_plot(result.log):
-        console.print("no loss.png: matplotlib is not installed (pip install matplotlib)")
+        console.print("no loss.png: matplotlib is not installed (pip install 'pgbuild[plot]')")
     return ctx, layout, result
 
 
@@ -163,6 +165,7 @@ def _print_result(summary, as_json):
 
 @main.command("train-and-pack")
 @preset_options
+@threads_option
 @launch_options
 @click.option("--data", required=True, type=click.Path(), help="dataset directory (pgbuild or challenge layout)")
 @click.option("--out", default="artifact.py", show_default=True, type=click.Path(), help="artifact file to write")
@@ -190,7 +193,8 @@ def train_and_pack(preset, config_file, assignments, nproc_per_node, nnodes, rdz
     checkpoint = run.file(CHECKPOINT) if run and preset.train.checkpoint_every else None
     ctx, layout, result = _train(preset, data, run, checkpoint)
     summary = quantize_and_pack(result.model, preset, layout, out, ctx, provenance(preset, result, ctx.world),
-                                eval_tokens, _modes(eval_modes), report=console.print if ctx.is_main else (lambda *_: None))
+                                eval_tokens, _modes(eval_modes), report=console.print if ctx.is_main else (lambda *_: None),
+                                show_progress=not as_json)
     if ctx.is_main:
         if run is not None:
             run.write_summary(summary, preset_name)
@@ -207,6 +211,7 @@ def _modes(text):
 
 @main.command()
 @preset_options
+@threads_option
 @launch_options
 @click.option("--data", required=True, type=click.Path(), help="dataset directory")
 @click.option("--out", default="checkpoint.pt", show_default=True, type=click.Path(), help="checkpoint to write")
@@ -234,6 +239,7 @@ def train(preset, config_file, assignments, nproc_per_node, nnodes, rdzv_endpoin
 
 
 @main.command()
+@threads_option
 @click.option("--checkpoint", required=True, type=click.Path(), help="checkpoint from `pgbuild train`")
 @click.option("--data", required=True, type=click.Path(), help="dataset directory (training shards calibrate GPTQ)")
 @click.option("--out", default="artifact.py", show_default=True, type=click.Path(), help="artifact file to write")
@@ -256,7 +262,7 @@ def quantize(checkpoint, data, out, budget_bytes, assignments, eval_tokens, eval
     layout = _data_layout(data, preset)
     _check_tokenizer(layout, preset)
     summary = quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, _modes(eval_modes),
-                                report=console.print)
+                                report=console.print, show_progress=not as_json)
     if report and not as_json:
         _print_tensor_report(summary["tensors"])
     _print_result(summary, as_json)
@@ -273,6 +279,7 @@ def _print_tensor_report(rows):
 
 
 @main.command("eval")
+@threads_option
 @click.option("--checkpoint", required=True, type=click.Path(), help="checkpoint from `pgbuild train`")
 @click.option("--data", required=True, type=click.Path(), help="dataset directory")
 @click.option("--mode", default="standard", show_default=True, type=click.Choice(MODES),
@@ -284,7 +291,9 @@ def eval_checkpoint(checkpoint, data, mode, max_val_tokens, as_json):
     import sentencepiece as spm
 
     from builder.pipeline import load_checkpoint, val_stream
+    from builder.progress import scoring_progress
     from builder.train import setup_context
+    from runtime.baselines import baselines, describe
     from runtime.evaluate import byte_tables, evaluate
 
     ctx = setup_context()
@@ -292,31 +301,63 @@ def eval_checkpoint(checkpoint, data, mode, max_val_tokens, as_json):
     layout = _data_layout(data, preset)
     _check_tokenizer(layout, preset)
     tables = byte_tables(spm.SentencePieceProcessor(model_file=layout.tokenizer), preset.model.vocab_size)
-    result = evaluate(model.eval(), val_stream(layout, preset, max_val_tokens), tables, preset.eval, mode, ctx.device)
-    summary = result.summary()
+    tokens = val_stream(layout, preset, max_val_tokens)
+    with scoring_progress(not as_json) as track:
+        result = evaluate(model.eval(), tokens, tables, preset.eval, mode, ctx.device,
+                          on_score=track(mode, len(tokens) - 1))
+    summary = {**result.summary(), **baselines(tokens, tables, preset.model.vocab_size)}
     click.echo(json.dumps(summary) if as_json else
-               f"mode {mode}  val_loss {summary['val_loss']:.6f}  val_bpb {summary['val_bpb']:.6f}  "
-               f"tokens {summary['tokens']}  bytes {summary['bytes']}")
+               f"mode {mode}  val_loss {summary['val_loss']:.6f}  val_bpb {summary['val_bpb']:.6f}"
+               f"{describe(summary)}  tokens {summary['tokens']}  bytes {summary['bytes']}")
+
+
+@main.command("import")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--format", "fmt", required=True, type=click.Choice(["r0409"]),
+              help="whose checkpoint: r0409 is the 2026-04-09 record's final_model.pt")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="pgbuild checkpoint to write")
+@lambda f: preset_options(f, default="record")
+def import_checkpoint(checkpoint, fmt, out, preset, config_file, assignments):
+    """Turn another training script's weights into a pgbuild checkpoint (for eval and quantize);
+    the preset (+ --config, --set) gives the shapes, which must match the file's exactly."""
+    from builder.importer import import_r0409
+    from builder.pipeline import save_checkpoint
+
+    preset = resolve_preset(preset, config_file, assignments)
+    state, prov = import_r0409(checkpoint, preset.model)
+    save_checkpoint(out, state, preset, prov)
+    click.echo(f"wrote {out}: {sum(t.numel() for t in state.values()):,} parameters, preset model "
+               f"{preset.model.num_layers} layers x {preset.model.model_dim}")
 
 
 @main.command()
+@click.option("--section", "sections", multiple=True, type=click.Choice(list(SECTIONS)),
+              help="show only this section (repeatable; default: all)")
 @click.option("--json", "as_json", is_flag=True, help="print resolved presets as JSON")
-def presets(as_json):
-    """List the named presets with their resolved configurations."""
-    resolved = {name: make().to_dict() for name, make in PRESETS.items()}
+def presets(sections, as_json):
+    """List the named presets with their resolved configurations, section by section: a table of
+    values, then what each field means."""
+    sections = sections or tuple(SECTIONS)
+    resolved = {name: {s: v for s, v in make().to_dict().items() if s in sections} for name, make in PRESETS.items()}
     if as_json:
         click.echo(json.dumps(resolved, indent=1))
         return
-    table = Table(title="presets")
-    table.add_column("field")
-    for name in resolved:
-        table.add_column(name)
-    table.add_column("meaning")
-    for section, cls in SECTIONS.items():
-        docs = field_docs(cls)
+    out = report_console()
+    for section in sections:
+        docs = field_docs(SECTIONS[section])
+        values = Table(title=f"[bold]{section}[/]", title_justify="left", box=box.SIMPLE_HEAD)
+        values.add_column("field", no_wrap=True)
+        for name in resolved:
+            values.add_column(name, overflow="fold", min_width=len(name))
+        meanings = Table.grid(padding=(0, 2))
+        meanings.add_column(no_wrap=True, style="bold")
+        meanings.add_column()
         for field_name, doc in docs.items():
-            table.add_row(f"{section}.{field_name}", *(str(resolved[p][section][field_name]) for p in resolved), doc)
-    report_console().print(table)
+            values.add_row(f"{section}.{field_name}", *(str(resolved[p][section][field_name]) for p in resolved))
+            meanings.add_row(f"{section}.{field_name}", doc)
+        out.print(values)
+        out.print(meanings)
+        out.print()
 
 
 main.add_command(data)

@@ -97,12 +97,20 @@ class TrainConfig(ConfigBase):
     enable_looping_at: float = 0.35
     """Training fraction at which depth recurrence switches on."""
     compile: bool = True
-    """torch.compile the model (GPU only; CPU runs eager)."""
+    """torch.compile the training forward as the record does (fullgraph, static shapes: one graph
+    with depth recurrence off, one with it on). On the GPU; on the CPU only with compile_cpu."""
+    compile_cpu: bool = False
+    """Compile on the CPU too (inductor, C++ via gcc): tens of seconds per graph before the first
+    step, which short CPU runs (the tiny preset, the tests) never earn back; off, the CPU runs eager."""
+    compile_backend: str = "inductor"
+    """torch.compile backend; 'aot_eager' traces the same graphs (forward and backward) without
+    generating code: seconds instead of minutes, for tests and for bisecting a compiler problem."""
     compile_warmup_steps: int = 20
-    """GPU: steps run before and after looping to prime compilation; weights and optimizer state
-    are then restored."""
+    """When compiled: steps run before and after looping to prime compilation; weights and
+    optimizer state are then restored."""
     log_every: int = 50
-    """Steps between training-loss log lines."""
+    """Steps between training-loss lines on the console; the run log (train_log.jsonl, loss.png)
+    records every min(log_every, iterations // 50) steps, so a short run still has ~50 points."""
     require_cuda: bool = False
     """Refuse to run without a GPU (the record preset is meaningless on CPU)."""
     checkpoint_every: int = 0
@@ -255,11 +263,13 @@ SECTIONS = {"model": ModelConfig, "train": TrainConfig, "quant": QuantConfig, "e
 
 
 def _tiny():
-    """CPU-sized: trains in about a minute on two cores and still has every record feature."""
+    """CPU-sized, with every record feature. Its rule is the step count (train.iterations), not the
+    clock: the same model on any machine, only later on a loaded one; max_wallclock_seconds is a
+    safety net far above what 300 steps and the post-training stages take on two cores."""
     return Preset(
         model=ModelConfig(vocab_size=1024, num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2,
                           loop_start=1, loop_end=2, num_loops=1, parallel_residual_start=3, xsa_last_n=4),
-        train=TrainConfig(iterations=300, max_wallclock_seconds=90.0, reserve_seconds=0.0, batch_tokens=4096,
+        train=TrainConfig(iterations=300, max_wallclock_seconds=1800.0, reserve_seconds=0.0, batch_tokens=4096,
                           micro_batch_tokens=4096, seq_len=128, matrix_lr=0.03, embed_lr=0.05,
                           muon_momentum_warmup_steps=50, ema_decay=0.98, warmdown_frac=0.5, log_every=25),
         quant=QuantConfig(calibration_batches=8, calibration_batch_tokens=4096, gptq_block=64, passthrough_max_numel=4096,

@@ -19,8 +19,11 @@ NEWTON_SCHULZ = {
 
 
 def newton_schulz(g, coefficients, steps):
-    """Approximately orthogonalize `g` (the U V^T of its SVD) with quintic Newton-Schulz steps."""
-    x = g.bfloat16() if g.is_cuda else g.float()
+    """Approximately orthogonalize `g` (the U V^T of its SVD) with quintic Newton-Schulz steps.
+
+    In bf16 on every device, as the records run it: the iteration only needs a rough U V^T, and
+    one precision everywhere keeps CPU runs step for step equal to the records' code."""
+    x = g.bfloat16()
     x = x / (x.norm() + 1e-7)
     tall = x.size(0) > x.size(1)
     if tall:
@@ -110,7 +113,7 @@ def build_optimizers(model, cfg):
     adam = torch.optim.AdamW(
         [dict(params=embeds, lr=cfg.embed_lr, weight_decay=cfg.embed_weight_decay, base_lr=cfg.embed_lr),
          dict(params=controls, lr=cfg.scalar_lr, weight_decay=cfg.scalar_weight_decay, base_lr=cfg.scalar_lr)],
-        betas=tuple(cfg.adam_betas), eps=cfg.adam_eps)
+        betas=tuple(cfg.adam_betas), eps=cfg.adam_eps, fused=True)
     muon = Muon(matrices, lr=cfg.matrix_lr, momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay,
                 coefficients=cfg.newton_schulz_coefficients, ns_steps=cfg.newton_schulz_steps)
     muon.param_groups[0].update(base_lr=cfg.matrix_lr, base_weight_decay=cfg.muon_weight_decay)
@@ -126,7 +129,8 @@ def lr_multiplier(frac, warmdown_frac, min_lr):
 
 def muon_momentum(step, cfg):
     ramp = min(step / cfg.muon_momentum_warmup_steps, 1.0) if cfg.muon_momentum_warmup_steps else 1.0
-    return cfg.muon_momentum_warmup_start + ramp * (cfg.muon_momentum - cfg.muon_momentum_warmup_start)
+    # Written as the records interpolate, so the value matches theirs to the last bit.
+    return (1 - ramp) * cfg.muon_momentum_warmup_start + ramp * cfg.muon_momentum
 
 
 def muon_wd_multiplier(frac, cfg):

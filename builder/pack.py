@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 import runtime
+from builder.canonical import pgbuild_version
 from builder.entropy import encode as rans_encode
 from builder.layout import RowOrders, nn_columns, reorderable
 from builder.quantize import matrix_group
@@ -34,10 +35,12 @@ PREAMBLE = b"""#!/usr/bin/env python3
 # pgbuild artifact: a Parameter Golf language model (evaluation code + compressed weights) in one file.
 # Run `python artifact.py eval --data DIR [--mode standard|sliding|ttt]` or `python artifact.py info`.
 # What follows is a zip archive (CPython runs its __main__.py); `pgbuild audit` reports its bytes.
-raise SystemExit("artifact damaged: its zip archive is missing; rebuild or re-download it")
+import sys
+print("error: artifact damaged: its zip archive is missing; rebuild or re-download it", file=sys.stderr)
+sys.exit(2)
 # artifact damaged (its zip archive is truncated or corrupt): rebuild or re-download it """
 """Python runs the zip's __main__.py and never this text, unless the archive is gone: then the
-`raise` line speaks, or, if binary bytes remain, Python's "null bytes" error quotes the last line."""
+`print` line speaks, or, if binary bytes remain, Python's "null bytes" error quotes the last line."""
 
 
 class _DropDocstrings(ast.NodeTransformer):
@@ -159,7 +162,7 @@ def build_artifact(encoded_tensors, info, compressor):
     if row_orders:
         codec, data = compressor(bytes(row_orders))
         _add_stream(members, streams, {"name": "row_order.u16"}, row_orders, codec, data)
-    manifest = dict(format=FORMAT_VERSION, **info, streams=streams, tensors=tensors,
+    manifest = dict(format=FORMAT_VERSION, pgbuild=pgbuild_version(), **info, streams=streams, tensors=tensors,
                     members={name: hashlib.sha256(data).hexdigest() for name, data in members.items()})
     manifest_bytes = json.dumps(manifest, separators=(",", ":")).encode()
     out = io.BytesIO()
@@ -167,7 +170,10 @@ def build_artifact(encoded_tensors, info, compressor):
     with zipfile.ZipFile(out, "w") as zf:
         def add(name, data, method):
             zf.writestr(zipfile.ZipInfo(name, ZIP_EPOCH), data, compress_type=method, compresslevel=9)
-        add(BOOTSTRAP, bootstrap_source(hashlib.sha256(manifest_bytes).hexdigest()), zipfile.ZIP_DEFLATED)
+        # Stored, not deflated (~1.5 kB more): CPython inflates it before any of our code runs, so a
+        # damaged deflate stream could only ever fail as zlib's traceback; stored, a damaged byte
+        # mostly reaches the bootstrap's own CRC check and its one-line refusal.
+        add(BOOTSTRAP, bootstrap_source(hashlib.sha256(manifest_bytes).hexdigest()), zipfile.ZIP_STORED)
         add(MANIFEST, manifest_bytes, zipfile.ZIP_DEFLATED)
         for name, data in members.items():
             add(name, data, zipfile.ZIP_STORED)  # already compressed

@@ -1,9 +1,10 @@
 """The stages behind the commands: train, quantize + fit the budget + pack, measure.
 
-Quantization and packing run on rank 0; the build-time evaluation of the packed artifact runs on
-every rank (the evaluator splits the windows), using the artifact's own bytes and the runtime's
-own decoder, so the recorded figures are those of the file that gets written. Every stage is
-timed, and the summary says where the wallclock limit went (builder/timebudget.py).
+Every rank forwards its share of the GPTQ calibration batches; quantization and packing run on
+rank 0; the build-time evaluation of the packed artifact runs on every rank (the evaluator splits
+the windows), using the artifact's own bytes and the runtime's own decoder, so the recorded
+figures are those of the file that gets written. Every stage is timed, and the summary says where
+the wallclock limit went (builder/timebudget.py).
 """
 
 import copy
@@ -22,9 +23,11 @@ import torch.distributed as dist
 from builder.budget import allocate, fit_budget, measured_bytes
 from builder.config import Preset
 from builder.pack import StreamCompressor, build_artifact, write_atomic
+from builder.progress import scoring_progress
 from builder.quantize import LossProbe, Quantizer, collect_hessians
-from builder.timebudget import Stopwatch, describe, timing_summary
+from builder.timebudget import Stopwatch, describe, stop_rule, timing_summary
 from runtime.artifact import Artifact
+from runtime.baselines import baselines
 from runtime.cli import load_model
 from runtime.data import load_tokens
 from runtime.errors import PgError
@@ -54,7 +57,7 @@ def provenance(preset, result, world):
     return {"pgbuild_commit": git_commit(), "seed": preset.train.seed, "steps": result.steps,
             "train_seconds": round(result.seconds, 1), "world_size": world, "train_shards": result.shards,
             "weights": result.weights, "reserve_seconds": round(result.reserve_seconds, 1),
-            "setup_seconds": round(result.setup_seconds, 1),
+            "setup_seconds": round(result.setup_seconds, 1), "compilations": result.compilations,
             "torch": str(torch.__version__), "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
@@ -98,25 +101,32 @@ def val_stream(layout, preset, max_tokens):
     return trim_stream(load_tokens(layout, "val", max_tokens), preset.eval.seq_len)
 
 
-def measure(model, blob, layout, preset, device, tokens, modes):
-    """bpb of the unquantized model and of the packed artifact's weights on validation `tokens`."""
+def measure(model, blob, layout, preset, device, tokens, modes, track=None):
+    """bpb of the unquantized model and of the packed artifact's weights on validation `tokens`,
+    and the baselines on the same tokens (runtime/baselines.py). `track(label, total)` gives an
+    on_score hook that shows progress (builder/progress.py)."""
     import sentencepiece as spm
 
     tables = byte_tables(spm.SentencePieceProcessor(model_file=layout.tokenizer), preset.model.vocab_size)
     figures = {"eval_tokens": int(len(tokens) - 1)}
+    figures.update({k: round(v, 5) for k, v in baselines(tokens, tables, preset.model.vocab_size).items()})
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    hook = (lambda label: track(label, figures["eval_tokens"] // world)) if track else (lambda label: None)
     model.looping = True
-    figures["prequant_bpb"] = round(evaluate(model, tokens, tables, preset.eval, "standard", device).val_bpb, 5)
+    figures["prequant_bpb"] = round(evaluate(model, tokens, tables, preset.eval, "standard", device,
+                                             on_score=hook("prequant standard")).val_bpb, 5)
     artifact = Artifact(io.BytesIO(blob))
     quantized = load_model(artifact.manifest, artifact.read, device)
     for mode in modes:
         # TTT trains the weights it scores with, so every mode starts from a fresh copy.
-        result = evaluate(copy.deepcopy(quantized), tokens, tables, preset.eval, mode, device)
+        result = evaluate(copy.deepcopy(quantized), tokens, tables, preset.eval, mode, device, on_score=hook(mode))
         figures[f"{mode}_bpb"] = round(result.val_bpb, 5)
         figures[f"{mode}_seconds"] = round(result.seconds, 2)
     return figures
 
 
-def quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, eval_modes, report=print):
+def quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, eval_modes, report=print,
+                      show_progress=True):
     """Hessians -> GPTQ -> budget fit -> measured figures -> artifact at `out`; returns its
     manifest's figures and size. Every rank calls this; rank 0 quantizes and writes."""
     qcfg = preset.quant
@@ -126,10 +136,11 @@ def quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, eval_m
             "recipe": {"method": "gptq+sdclip", **qcfg.to_dict()}, "provenance": prov, "metrics": {}}
     blob = plan = None
     watch = Stopwatch(train=prov.get("train_seconds", 0.0))
+    report("collecting Hessians from training batches")
+    with watch("hessians"):  # every rank forwards its share of the calibration batches
+        hessians = collect_hessians(model, layout, qcfg, preset.train.seq_len, ctx.device, preset.train.seed,
+                                    ctx.rank, ctx.world)
     if ctx.is_main:
-        report("collecting Hessians from training batches")
-        with watch("hessians"):
-            hessians = collect_hessians(model, layout, qcfg, preset.train.seq_len, ctx.device, preset.train.seed)
         probe = None
         if qcfg.allocation == "rd" and qcfg.probe_tokens:
             probe = LossProbe(model, layout, preset.train.seq_len, qcfg.probe_tokens, ctx.device, preset.train.seed)
@@ -150,12 +161,12 @@ def quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, eval_m
         dist.broadcast_object_list(shared, src=0)
         blob = shared[0]
     report("measuring bpb at build time")
-    with watch("eval"):
-        info["metrics"] = measure(model, blob, layout, preset, ctx.device, tokens, eval_modes)
+    with watch("eval"), scoring_progress(show_progress and ctx.is_main) as track:
+        info["metrics"] = measure(model, blob, layout, preset, ctx.device, tokens, eval_modes, track)
     if not ctx.is_main:
         return None
     blob = pack(plan)
-    report(describe(watch.seconds, preset.train.max_wallclock_seconds))
+    report(describe(watch.seconds, preset.train.max_wallclock_seconds, prov.get("steps"), preset.train.iterations))
     tensors = tensor_report(quantizer, plan)
     if len(blob) > qcfg.budget_bytes:
         raise PgError(f"packed artifact is {len(blob):,} bytes, over the {qcfg.budget_bytes:,}-byte budget")
@@ -163,6 +174,7 @@ def quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, eval_m
     return {"path": str(out), "bytes": len(blob), "budget_bytes": qcfg.budget_bytes,
             "headroom": qcfg.budget_bytes - len(blob), "bits": {n: c.bits for n, c in plan.items()},
             "tensors": tensors, **info["metrics"], **timing_summary(watch.seconds, preset.train.max_wallclock_seconds),
+            "stopped_by": stop_rule(prov.get("steps"), preset.train.iterations),
             **{k: v for k, v in prov.items() if k != "train_seconds" and not isinstance(v, (list, dict))}}
 
 

@@ -7,19 +7,23 @@ is killed) never sees half a file.
   "eval": {...}}`, as `pgbuild presets --json` prints a preset.
 - `train_log.jsonl`: one JSON object per logged training step, rewritten as training goes:
   `step, loss, lr_mul, looping, qat, seconds, tokens_per_second`.
-- `loss.png`: training loss and LR multiplier against step (needs matplotlib).
+- `loss.png`: training loss and LR multiplier against step (needs matplotlib); the log has at
+  least ~50 points however short the run (see `train.log_every`).
 - `checkpoint.pt` (train-and-pack with `train.checkpoint_every` > 0): resumable with
   `pgbuild train --resume`.
 - `summary.json` (train-and-pack): ONE FLAT JSON OBJECT, every value a number, string, bool or
   null, for `pgbuild runs compare`:
   - the artifact: `path`, `bytes`, `budget_bytes`, `headroom`;
   - build-time figures: `eval_tokens`, `prequant_bpb`, and `<mode>_bpb`, `<mode>_seconds` for
-    each mode scored (`standard`, `sliding`, `ttt`);
+    each mode scored (`standard`, `sliding`, `ttt`), and the baselines on the same tokens,
+    `uniform_bpb` and `unigram_bpb` (runtime/baselines.py);
   - where the time went (builder/timebudget.py): `train_seconds`, `hessians_seconds`,
     `gptq_seconds` (GPTQ + budget fit), `compress_seconds`, `eval_seconds`, `wallclock_seconds`
-    (the stages inside the limit), `wallclock_limit_seconds`, `within_wallclock`;
+    (the stages inside the limit), `wallclock_limit_seconds`, `within_wallclock`, and `stopped_by`
+    (`step cap` or `wallclock`: which rule ended training);
   - provenance: `seed`, `steps`, `world_size`, `weights` (ema / swa / last), `reserve_seconds`,
-    `setup_seconds` (compile warmup and reserve estimate, off the clock), `pgbuild_commit`,
+    `setup_seconds` (compile warmup and reserve estimate, off the clock), `compilations` (graphs
+    torch.compile built for the training forward; 0 when eager), `pgbuild_commit`,
     `torch`, `python`, `date`;
   - `preset` (the name the run started from) and `run_dir`.
   Nested parts of the `--json` summary (per-tensor bits and reports) are left out.
@@ -100,7 +104,7 @@ class RunDir:
             ax.axvline(step, color="#999999", linestyle="--", linewidth=1)
             ax.annotate(", ".join(labels), (step, 0.98), xycoords=("data", "axes fraction"), rotation=90,
                         va="top", ha="right", fontsize=8, color="#666666")
-        fig.legend(loc="upper center", ncols=2, fontsize=8, frameon=False)
+        fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)  # clear of the title
         ax.set_title(os.path.basename(self.path))
         tmp = f"{self.file(PLOT)}.tmp{os.getpid()}.png"
         try:

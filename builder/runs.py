@@ -344,6 +344,8 @@ class Entry:
     of_runs: list
     """Labels of the runs whose artifact is byte-identical to the submitted one."""
     budget: int
+    artifact_sha256: str
+    """What `pgbuild audit` compares a received artifact with."""
 
 
 def readme_text(e, files):
@@ -371,7 +373,8 @@ Seeds: {", ".join(r.label for r in e.runs)}.
 `{e.artifact_name}` holds the evaluation code and the compressed weights in one file:
 **{e.artifact_bytes:,} bytes** (`os.path.getsize`), {e.budget - e.artifact_bytes:,} under the {e.budget:,}-byte
 budget. {origin} Model: {describe_model(e.manifest)}. Built from seed {prov.get('seed', '?')}, pgbuild commit
-{prov.get('pgbuild_commit') or 'unknown'}, torch {prov.get('torch', '?')}.
+{prov.get('pgbuild_commit') or 'unknown'}, torch {prov.get('torch', '?')}. SHA-256 `{e.artifact_sha256}`:
+`pgbuild audit {e.artifact_name}` checks a copy against it and whether its code is what pgbuild writes.
 
 Evaluate it (standard, sliding-window or score-first TTT) with
 
@@ -394,7 +397,8 @@ def submission(e, author, github_id):
             "date": datetime.date.today().isoformat(), "track": e.track, "metric": e.metric,
             "val_bpb": round(e.mean, 5), "val_bpb_std": round(e.std, 5), "seeds": [r.seed for r in e.runs],
             "seed_results": {r.label: {"val_bpb": r.value(e.metric), "artifact_bytes": r.bytes} for r in e.runs},
-            "artifact": e.artifact_name, "artifact_bytes": e.artifact_bytes, "artifact_of_seed": e.of_runs,
+            "artifact": e.artifact_name, "artifact_bytes": e.artifact_bytes, "artifact_sha256": e.artifact_sha256,
+            "artifact_of_seed": e.of_runs,
             "pytorch_version": prov.get("torch"),
             "compliance": {"artifact_under_16mb": e.artifact_bytes <= e.budget,
                            "all_seed_artifacts_under_16mb": all(r.bytes is not None and r.bytes <= e.budget
@@ -454,7 +458,7 @@ def write_record(artifact, run_paths, out, metric="ttt_bpb", name=None, author=N
     try:
         files, size = _fill(tmp, artifact, run_list)
         entry = Entry(name or f"pgbuild {describe_model(art.manifest)}", track, metric, run_list, mean, std,
-                      os.path.basename(artifact), size, art.manifest, of_runs, budget)
+                      os.path.basename(artifact), size, art.manifest, of_runs, budget, digest)
         sub = submission(entry, author, github_id)
         files = ["README.md", "submission.json"] + files
         with open(os.path.join(tmp, "submission.json"), "w") as f:

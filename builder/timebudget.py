@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
+import torch.distributed as dist
 
 IN_LIMIT = ("train", "hessians", "gptq", "compress")
 """Stages that count against max_wallclock_seconds, in pipeline order."""
@@ -52,14 +53,30 @@ def timing_summary(seconds, limit):
     return out
 
 
-def describe(seconds, limit):
-    """One line: where the limited time went, and whether it fit."""
+def stop_rule(steps, iterations):
+    """Which rule ended training: the step cap (train.iterations) or the wallclock limit (None:
+    not known, e.g. for imported weights)."""
+    if steps is None or iterations is None:
+        return None
+    return "step cap" if steps >= iterations else "wallclock"
+
+
+def describe(seconds, limit, steps=None, iterations=None):
+    """Which rule ended training (given `steps` and `iterations`), where the limited time went,
+    and whether it fit; over the limit is a warning (the artifact is still written), said so."""
     parts = " + ".join(f"{stage} {seconds[stage]:.1f} s" for stage in IN_LIMIT if stage in seconds)
     used = sum(seconds.get(stage, 0.0) for stage in IN_LIMIT)
     verdict = "within" if used <= limit else f"OVER by {used - limit:.1f} s:"
     line = f"time: {parts} = {used:.1f} s, {verdict} the {limit:g} s limit"
     if "eval" in seconds:
         line += f" (build-time eval {seconds['eval']:.1f} s, outside it)"
+    if used > limit:
+        line += "; a warning, not a failure: the artifact is written, but this run breaks the time rule"
+    rule = stop_rule(steps, iterations)
+    if rule is not None:
+        where = (f"the step cap, train.iterations={iterations}" if rule == "step cap" else
+                 f"the wallclock limit after {steps} of train.iterations={iterations} steps")
+        line = f"training ended at {where}; " + line
     return line
 
 
@@ -78,7 +95,9 @@ def estimate_post_training(model, layout, preset, device):
     from builder.quantize import Quantizer, collect_hessians
 
     qcfg, tcfg = preset.quant, preset.train
-    one_batch = replace(qcfg, calibration_batches=1)
+    # Under DDP every rank forwards 1/world of each calibration batch: time rank 0's share.
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    one_batch = replace(qcfg, calibration_batches=1, calibration_batch_tokens=qcfg.calibration_batch_tokens // world)
     looping, training = model.looping, model.training
     model.looping = True  # the exported model always loops
     try:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from builder.averaging import Averages
+from builder.compiling import compile_training
 from builder.loader import ShuffledSequences
 from builder.optim import Muon, apply_schedule, build_optimizers, schedule_at
 from builder.qat import LateQAT
@@ -105,6 +106,9 @@ class TrainResult:
     """Seconds of the wallclock limit kept back for the stages after training."""
     setup_seconds: float = 0.0
     """Off-the-clock seconds: compilation warmup and the reserve estimate."""
+    compilations: int = 0
+    """Graphs torch.compile built for the training forward in this session, the first compile
+    and every recompile: 2 with depth recurrence (plain and looped), 1 without; 0 when eager."""
 
 
 class Trainer:
@@ -121,7 +125,9 @@ class Trainer:
         # Before compiling, so that the compiled graph holds the fake-quant path and its gate.
         self.qat = LateQAT(self.model, preset.quant, cfg.qat_scale) if cfg.qat_threshold > 0 else None
         cuda = ctx.device.type == "cuda"
-        self.forward = torch.compile(self.model) if cuda and cfg.compile else self.model
+        self.forward, self.graphs = self.model, None
+        if cfg.compile and (cuda or cfg.compile_cpu):
+            self.forward, self.graphs = compile_training(self.model, cfg.compile_backend)
         if ctx.world > 1:
             self.forward = DistributedDataParallel(self.forward, device_ids=[ctx.device] if cuda else None)
         self.optimizers = build_optimizers(self.model, cfg)
@@ -133,17 +139,21 @@ class Trainer:
         self.reserve = self.setup_seconds = 0.0  # set by `train`
         self.model.looping = preset.model.num_loops > 0 and cfg.enable_looping_at <= 0
 
-    def step(self, sched):
+    def step(self, sched, batch=None):
         """Forward/backward over this rank's share of a global batch, clip, update with the
-        schedule's values; returns the summed micro-batch losses."""
+        schedule's values; returns the summed micro-batch losses. `batch`: (inputs, targets) of
+        this rank's share to use instead of the loader's next (the reference tests feed both
+        trainers the same sequences)."""
         device = self.ctx.device
         loss_sum = torch.zeros((), device=device)
-        inputs, targets = self.loader.next_batch(self.seqs_per_step, self.ctx.rank, self.ctx.world)
+        if batch is None:
+            batch = self.loader.next_batch(self.seqs_per_step, self.ctx.rank, self.ctx.world)
+        inputs, targets = batch
         for micro, (x, y) in enumerate(zip(inputs.chunk(self.accum), targets.chunk(self.accum))):
             # DDP all-reduces gradients only on the last micro-batch of the step.
             last = not isinstance(self.forward, DistributedDataParallel) or micro == self.accum - 1
             with (contextlib.nullcontext() if last else self.forward.no_sync()), self.autocast:
-                loss = self.forward(x.to(device, non_blocking=True), y.to(device, non_blocking=True)).mean()
+                loss = self.forward(x.to(device, non_blocking=True), y.to(device, non_blocking=True), mean=True)
                 (loss / self.accum).backward()
             loss_sum += loss.detach()
         if self.cfg.grad_clip > 0:
@@ -183,7 +193,8 @@ class Trainer:
         for opt, state in zip(self.optimizers, saved_opts):
             opt.load_state_dict(state)
         self.loader.load_state_dict(saved_loader)
-        torch.cuda.synchronize()
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize()
 
     def final_weights(self):
         return self.averages.final_weights(self.model)[0]
@@ -191,7 +202,7 @@ class Trainer:
     def result(self):
         return TrainResult(self.model, self.steps, self.elapsed, self.log,
                            [os.path.basename(p) for p in self.loader.paths], self.averages.source(),
-                           self.reserve, self.setup_seconds)
+                           self.reserve, self.setup_seconds, 0 if self.graphs is None else self.graphs.graphs)
 
     def state_dict(self):
         """Everything a resumed run needs, on the CPU. Collective under DDP: call on every rank."""
@@ -258,13 +269,16 @@ def train(preset, layout, ctx, report=print, resume=None, save=None, on_log=None
     if resume is not None:
         trainer.load_state_dict(resume)
         report(f"resuming at step {trainer.steps} ({trainer.elapsed:.1f} s on the clock)")
-    if ctx.device.type == "cuda" and cfg.compile and cfg.compile_warmup_steps:
+    if trainer.graphs is not None and cfg.compile_warmup_steps:
         trainer.prime_compilation()
     trainer.reserve = reserve_seconds(trainer, layout, report)
     trainer.setup_seconds = time.perf_counter() - setup_start
 
     budget = max(cfg.max_wallclock_seconds - trainer.reserve, 1e-9)
     frac = max(trainer.steps / cfg.iterations, trainer.elapsed / budget)
+    # The log (train_log.jsonl, loss.png) gets at least ~50 points however short the run; the
+    # console still prints every train.log_every steps.
+    log_every = min(cfg.log_every, max(1, cfg.iterations // 50))
     session_start, elapsed_before = time.perf_counter(), trainer.elapsed
     while trainer.steps < cfg.iterations and frac < 1.0:
         sched = schedule_at(trainer.steps, frac, cfg)
@@ -277,11 +291,12 @@ def train(preset, layout, ctx, report=print, resume=None, save=None, on_log=None
         if trainer.averages.update(model, trainer.steps, frac):
             report(f"step {trainer.steps}: SWA started (a snapshot every {cfg.swa_every} steps)")
         done = trainer.steps >= cfg.iterations or frac >= 1.0
-        if trainer.steps % cfg.log_every == 0 or trainer.steps == 1 or done:
+        if trainer.steps % log_every == 0 or trainer.steps == 1 or done:
             trainer.log.append(log_entry(trainer, loss_sum, sched))
             entry = trainer.log[-1]
-            report(f"step {entry['step']} loss {entry['loss']:.4f} lr_mul {sched.lr_mul:.3f} "
-                   f"{entry['tokens_per_second']:,} tok/s {entry['seconds']:.1f}s")
+            if trainer.steps % cfg.log_every == 0 or trainer.steps == 1 or done:
+                report(f"step {entry['step']} loss {entry['loss']:.4f} lr_mul {sched.lr_mul:.3f} "
+                       f"{entry['tokens_per_second']:,} tok/s {entry['seconds']:.1f}s")
             if on_log is not None:
                 on_log(trainer.log)
         if save is not None and cfg.checkpoint_every and trainer.steps % cfg.checkpoint_every == 0 and not done:
@@ -292,6 +307,10 @@ def train(preset, layout, ctx, report=print, resume=None, save=None, on_log=None
         save(trainer)
     result = trainer.result()
     trainer.finish()
+    if trainer.graphs is not None:
+        # As the record does: drop the training graphs, so evaluation's graphs get dynamo's whole
+        # recompile limit (with fullgraph=True, going past it is an error, not a slow fallback).
+        torch._dynamo.reset()
     report(f"final weights: {result.weights}")
     return result
 

@@ -40,6 +40,7 @@ import json
 import lzma
 import math
 import sys
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -50,6 +51,9 @@ from rich.console import Console
 from rich.table import Table
 
 from builder.audit import open_verified
+from builder.progress import scoring_progress
+from builder.threads import threads_option
+from runtime.baselines import baselines, describe as describe_baselines
 from runtime.codec import LZMA_FILTERS
 from runtime.errors import PgError
 
@@ -341,12 +345,14 @@ class Recorder:
                      examples=self.examples)
 
 
-def traced_run(rt, model, tokens, tables, cfg, mode, device, probe_ids, reference_targets=None):
-    """One evaluation by the artifact's code on a fresh copy of `model`, fully instrumented."""
+def traced_run(rt, model, tokens, tables, cfg, mode, device, probe_ids, reference_targets=None, advance=None):
+    """One evaluation by the artifact's code on a fresh copy of `model`, fully instrumented;
+    `advance(a, b)` is also told of each scored range (progress)."""
     model = copy.deepcopy(model)
     recorder = Recorder(model, tokens, probe_ids, reference_targets)
+    on_score = recorder.on_score if advance is None else lambda a, b: (recorder.on_score(a, b), advance(a, b))
     result = rt.call(rt.evaluate.evaluate, model, tokens, tables, cfg, mode, device,
-                     on_score=recorder.on_score, on_train=recorder.on_train)
+                     on_score=on_score, on_train=recorder.on_train)
     return recorder.finish(result)
 
 
@@ -516,14 +522,19 @@ def load_stream(data, manifest, tokenizer, max_tokens, seq_len):
     return tokens, sp, byte_tables(sp, vocab)
 
 
-def verify_mode(rt, model, tokens, tables, cfg, mode, device, vocab, probes, atol, reference_bytes, progress):
+def verify_mode(rt, model, tokens, tables, cfg, mode, device, vocab, probes, atol, reference_bytes, progress,
+                track=None):
     probe_ids = np.unique(np.linspace(0, vocab - 1, PROBE_TOKENS).round().astype(np.int64))
     reference = np.asarray(tokens[1:], np.int64)
-    run = lambda stream: traced_run(rt, model, stream, tables, cfg, mode, device, probe_ids, reference)  # noqa: E731
+    cut_list = cut_points(len(tokens) - 1, probes)
+    advance = track(f"verify {mode}", (len(tokens) - 1) * (2 + len(cut_list))) if track else None
+    run = lambda stream: traced_run(rt, model, stream, tables, cfg, mode, device, probe_ids, reference,  # noqa: E731
+                                    advance)
+    start = time.perf_counter()
     progress(f"{mode}: baseline and replay")
     base, replay = run(tokens), run(tokens)
     cuts = []
-    for i, t in enumerate(cut_points(len(tokens) - 1, probes)):
+    for i, t in enumerate(cut_list):
         progress(f"{mode}: perturbing the tokens after position {t}")
         cuts.append((t, run(perturbed_stream(tokens, t, vocab, seed=i))))
     checks = {"causal": check_causal(base, cuts, replay_noise(base, replay), atol),
@@ -531,12 +542,13 @@ def verify_mode(rt, model, tokens, tables, cfg, mode, device, vocab, probes, ato
               "score_first": check_score_first(base, mode),
               "single_pass": check_single_pass(base, atol),
               "bytes": check_bytes(base, reference_bytes)}
-    return {"val_bpb": base.val_bpb, "passed": all(c.passed for c in checks.values()),
+    return {"val_bpb": base.val_bpb, "seconds": round(time.perf_counter() - start, 1),
+            "passed": all(c.passed for c in checks.values()),
             "checks": {k: c.to_dict() for k, c in checks.items()}}
 
 
 def verify_artifact(path, data, tokens=None, modes=None, assignments=(), probes=3, device=None, atol=1e-6,
-                    tokenizer=None, progress=lambda _: None):
+                    tokenizer=None, progress=lambda _: None, on_mode=lambda mode, result: None, track=None):
     """Run the artifact's own evaluation under instrumentation; returns the report (a dict)."""
     from runtime.evaluate import target_bytes
 
@@ -566,8 +578,12 @@ def verify_artifact(path, data, tokens=None, modes=None, assignments=(), probes=
         model = rt.call(rt.cli.load_model, manifest, art.read, device)
         tables = rt.call(rt.evaluate.byte_tables, sp, vocab)
         reference_bytes = int(target_bytes(np.asarray(stream), reference_tables).sum())
-        results = {mode: verify_mode(rt, model, stream, tables, cfg, mode, device, vocab, probes, atol,
-                                     reference_bytes, progress) for mode in modes}
+        floor = baselines(stream, reference_tables, vocab)
+        results = {}
+        for mode in modes:  # each verdict is told as soon as it is known: a killed run keeps the earlier ones
+            results[mode] = dict(verify_mode(rt, model, stream, tables, cfg, mode, device, vocab, probes, atol,
+                                             reference_bytes, progress, track), **floor)
+            on_mode(mode, results[mode])
     finally:
         rt.close()
         art.zip.close()
@@ -593,10 +609,29 @@ def render(console, report):
                           check["summary"])
         table.add_section()
     console.print(table)
+    console.print(verdict_table(report["modes"]))
     console.print("[bold green]all checks pass[/]" if report["passed"] else "[bold red]verification failed[/]")
 
 
+def verdict(mode, result):
+    """One line per mode, printed as soon as the mode is done: PASS, or FAIL and which checks."""
+    failed = [CHECK_TITLES[k] for k, c in result["checks"].items() if not c["passed"]]
+    head = "PASS" if not failed else f"FAIL ({', '.join(failed)})"
+    return f"verify {mode}: {head}  {result['val_bpb']:.5f} bpb{describe_baselines(result)}  {result['seconds']:.1f} s"
+
+
+def verdict_table(results):
+    table = Table(title="verdicts")
+    for column in ("mode", "verdict", "val_bpb", "uniform bpb", "unigram bpb", "seconds"):
+        table.add_column(column, justify="left" if column in ("mode", "verdict") else "right")
+    for mode, r in results.items():
+        table.add_row(mode, "[green]PASS[/]" if r["passed"] else "[bold red]FAIL[/]", f"{r['val_bpb']:.5f}",
+                      f"{r['uniform_bpb']:.4f}", f"{r['unigram_bpb']:.4f}", f"{r['seconds']:.1f}")
+    return table
+
+
 @click.command()
+@threads_option
 @click.argument("artifact", type=click.Path())
 @click.option("--data", required=True, type=click.Path(), help="dataset directory (pgbuild or challenge layout)")
 @click.option("--tokens", type=click.IntRange(min=2), help="validation prefix to score (default: three TTT chunks, "
@@ -616,8 +651,12 @@ def verify(artifact, data, tokens, modes, assignments, probes, atol, tokenizer, 
     normalized, score before update, single pass) in every eval mode. This EXECUTES the artifact's
     bundled code (unlike `audit`). Exit status 0 only if every check passes."""
     err = Console(stderr=True)
-    report = verify_artifact(artifact, data, tokens, modes, assignments, probes, device, atol, tokenizer,
-                             progress=(lambda _: None) if as_json else (lambda m: err.print(f"[dim]{m}[/]")))
+    with scoring_progress(not as_json, err) as track:
+        report = verify_artifact(artifact, data, tokens, modes, assignments, probes, device, atol, tokenizer,
+                                 progress=(lambda _: None) if as_json else (lambda m: err.print(f"[dim]{m}[/]")),
+                                 on_mode=lambda mode, result: err.print(verdict(mode, result), markup=False,
+                                                                        highlight=False, soft_wrap=True),
+                                 track=track)
     if as_json:
         click.echo(json.dumps(report))
     else:

@@ -9,6 +9,7 @@ import hashlib
 import json
 import re
 import zipfile
+import zlib  # zlib.error: what a damaged deflated member raises
 
 from .errors import PgError
 
@@ -26,7 +27,7 @@ class Artifact:
             self.zip = zipfile.ZipFile(path)
             bootstrap = self.zip.read(BOOTSTRAP)
             raw_manifest = self.zip.read(MANIFEST)
-        except (OSError, zipfile.BadZipFile, KeyError, EOFError) as e:
+        except (OSError, zipfile.BadZipFile, zlib.error, KeyError, EOFError) as e:
             raise PgError(f"{path}: not a readable pgbuild artifact ({e}); it is corrupt, truncated or empty") from None
         expected = MANIFEST_DIGEST.search(bootstrap)
         if expected is None or hashlib.sha256(raw_manifest).hexdigest() != expected.group(1).decode():
@@ -41,7 +42,7 @@ class Artifact:
         """A member's bytes, after checking its SHA-256 against the manifest."""
         try:
             data = self.zip.read(name)
-        except (OSError, zipfile.BadZipFile, KeyError, EOFError) as e:
+        except (OSError, zipfile.BadZipFile, zlib.error, KeyError, EOFError) as e:
             raise PgError(f"{self.path}: cannot read member {name} ({e}); the artifact is corrupt") from None
         if hashlib.sha256(data).hexdigest() != self.manifest["members"][name]:
             raise PgError(f"{self.path}: member {name} fails its checksum; the artifact was modified or is corrupt")

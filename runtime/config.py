@@ -96,6 +96,12 @@ class ModelConfig(ConfigBase):
     (the March records used 9,10); empty disables."""
     ve_dim: int = 128
     """Value embeddings: width of the shared table, projected to the key/value width."""
+    record_precision: bool = False
+    """Compute as the 2026-04-09 record does, to compare numbers with it bit for bit: its model is
+    cast with .bfloat16() and only its linear layers and control tensors restored to fp32, so the
+    token embedding table (hence the residual stream) and the rotary tables are bf16, the skip
+    gates' sigmoid and the softcap run in bf16, and every matmul is bf16 (autocast, on CPU too).
+    Off: fp32 table, residual stream and softcap, bf16 autocast on CUDA only."""
 
     def __post_init__(self):
         if self.model_dim % self.num_heads or self.num_heads % self.num_kv_heads:
@@ -154,9 +160,10 @@ class EvalConfig(ConfigBase):
     ttt_batch_seqs: int = 32
     """Score-first TTT: sequences per training step."""
     compile: bool = False
-    """torch.compile the model for the standard, sliding and score-first TTT modes. It compiles
-    lazily on the first real forward, so no warm-up ever runs on any tokens; the LoRA mode stays
-    eager (each batch's fresh adapters would force a recompile)."""
+    """torch.compile the model for the standard, sliding and score-first TTT modes, as the record
+    does: fullgraph, static shapes (a short last batch is padded, so scoring is one graph). It
+    compiles lazily on the first real forward, so no warm-up ever runs on any tokens; the LoRA
+    mode stays eager (each batch's fresh adapters would force a recompile)."""
     lora_chunk_tokens: int = 48
     """LoRA TTT: each document is scored in chunks of this many tokens, each chunk (all but the
     last) followed by one adapter step on it (RTOP 48; PR #1530 32)."""

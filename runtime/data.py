@@ -39,7 +39,7 @@ def read_shard(path, mmap=False):
             if size != HEADER_BYTES + 2 * count:
                 raise PgError(f"{path}: size {size} does not match its header ({count} tokens"
                               f" need {HEADER_BYTES + 2 * count} bytes); the file is truncated or corrupt")
-            if mmap:
+            if mmap and count:  # mmap refuses an empty range
                 return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
             return np.frombuffer(f.read(), dtype="<u2").astype(np.uint16)
     except OSError as e:
@@ -84,12 +84,15 @@ def find_data(data_dir, vocab_size=None, tokenizer=None):
 
 
 def load_tokens(layout, split, max_tokens=None):
-    """Concatenate a split's shards in order, stopping once `max_tokens` are read."""
+    """Concatenate a split's shards in order, stopping once `max_tokens` are read. Shards are
+    memory-mapped and only the tokens kept are copied, so memory is bounded by `max_tokens`
+    whatever the headers claim."""
     parts, total = [], 0
     for path in layout.shards(split):
-        parts.append(read_shard(path))
-        total += parts[-1].size
+        shard = read_shard(path, mmap=True)
+        keep = shard.size if max_tokens is None else min(shard.size, max_tokens - total)
+        parts.append(np.array(shard[:keep], dtype=np.uint16))
+        total += keep
         if max_tokens is not None and total >= max_tokens:
             break
-    tokens = np.concatenate(parts)
-    return tokens[:max_tokens] if max_tokens is not None else tokens
+    return np.concatenate(parts)

@@ -9,6 +9,7 @@ scores into a zeroed full-length buffer and one all-reduce assembles them, so N 
 the same numbers as one.
 """
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -110,11 +111,12 @@ def score_windows(model, tokens, windows, nll, batch_size, device, on_score=None
     """Write each window's scored NLLs into `nll` (a device tensor indexed by position)."""
     model.eval()
     seq_len = max((w.length for w in windows), default=0)
+    rows = min(batch_size, len(windows))  # the last batch padded too: one shape, one compiled graph
     for i in range(0, len(windows), batch_size):
         batch = windows[i:i + batch_size]
         # Short tail windows are right-padded; causality keeps the padding from touching real scores.
-        x = torch.zeros(len(batch), seq_len, dtype=torch.int64)
-        y = torch.zeros(len(batch), seq_len, dtype=torch.int64)
+        x = torch.zeros(rows, seq_len, dtype=torch.int64)
+        y = torch.zeros(rows, seq_len, dtype=torch.int64)
         for row, w in enumerate(batch):
             x[row, :w.length] = tokens[w.start:w.start + w.length]
             y[row, :w.length] = tokens[w.start + 1:w.start + w.length + 1]
@@ -126,8 +128,17 @@ def score_windows(model, tokens, windows, nll, batch_size, device, on_score=None
                 on_score(w.start + w.first, w.start + w.length)
 
 
+def equal_length_runs(seqs):
+    """Consecutive (a, b) ranges grouped into runs of equal length, each one forward's rows."""
+    return [list(run) for _, run in itertools.groupby(seqs, key=lambda s: s[1] - s[0])]
+
+
 def train_on_positions(model, optimizer, tokens, start, end, cfg, lr, epochs, ranks, device, on_train=None):
-    """Score-first TTT's update: `epochs` SGD passes over positions [start, end), already scored."""
+    """Score-first TTT's update: `epochs` SGD passes over positions [start, end), already scored.
+
+    A step takes cfg.ttt_batch_seqs consecutive seq_len sequences, as the record does; each rank
+    forwards its share of them as one batch (a shorter last sequence of the range in a forward of
+    its own); the loss is the summed NLL over the token count of the whole step, all ranks' rows."""
     seqs = [(a, min(a + cfg.seq_len, end)) for a in range(start, end, cfg.seq_len)]
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -141,11 +152,12 @@ def train_on_positions(model, optimizer, tokens, start, end, cfg, lr, epochs, ra
             batch = seqs[i:i + cfg.ttt_batch_seqs]
             total_tokens = sum(b - a for a, b in batch)
             optimizer.zero_grad(set_to_none=False)
-            for a, b in ranks.share(batch):
-                if on_train is not None:
-                    on_train(a, b)
-                x = tokens[a:b].to(device)[None]
-                y = tokens[a + 1:b + 1].to(device)[None]
+            for rows in equal_length_runs(ranks.share(batch)):
+                for a, b in rows:
+                    if on_train is not None:
+                        on_train(a, b)
+                x = torch.stack([tokens[a:b] for a, b in rows]).to(device)
+                y = torch.stack([tokens[a + 1:b + 1] for a, b in rows]).to(device)
                 with autocast(device):
                     loss = model(x, y).sum() / total_tokens
                 loss.backward()
@@ -225,7 +237,9 @@ def evaluate(model, tokens, tables, cfg, mode, device, on_score=None, on_train=N
     windows = sliding_windows(num_positions, cfg.seq_len, stride)
     nll = torch.zeros(num_positions, dtype=torch.float32, device=device)
     if cfg.compile and mode != "lora":
-        model = torch.compile(model)  # same parameters; compiled by the first real forward
+        # As the record compiles: static shapes, and an error at a graph break rather than a
+        # silent fall-back. Same parameters; compiled by the first real forward.
+        model = torch.compile(model, dynamic=False, fullgraph=True)
     if mode == "ttt":
         score_first_ttt(model, stream, windows, nll, cfg, ranks, device, on_score, on_train)
     elif mode == "lora":

@@ -92,12 +92,13 @@ class Rotary(nn.Module):
     def __init__(self, dims, base):
         super().__init__()
         self.dims = dims
-        self.register_buffer("inv_freq", base ** (-torch.arange(0, dims, 2).float() / dims), persistent=False)
+        # 1 / base^(2i/dims) rather than base^(-2i/dims): the same frequencies to the last bit as the records.
+        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dims, 2).float() / dims), persistent=False)
 
     def forward(self, x):
         if self.dims == 0:
             return x
-        t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
+        t = torch.arange(x.size(1), device=x.device, dtype=self.inv_freq.dtype)  # bf16 positions, as the record's
         angles = torch.outer(t, self.inv_freq)[None, :, None, :]
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         half = self.dims // 2
@@ -186,7 +187,10 @@ class Block(nn.Module):
         if lora is not None:
             a = a + lora["o"](h)
         if self.parallel:
-            return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * self._mlp(h, lora)
+            # The MLP's input is normed anew rather than reusing h: the same values, but gradients
+            # then sum as the records' do, which keeps training bit-comparable with their code.
+            h_mlp = rms_norm(x) * self.norm_scale
+            return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * self._mlp(h_mlp, lora)
         x = x + self.attn_scale.to(x.dtype) * a
         return x + self.mlp_scale.to(x.dtype) * self._mlp(rms_norm(x) * self.norm_scale, lora)
 
@@ -211,6 +215,17 @@ class GPT(nn.Module):
         self.final_norm = RMSNorm()  # a module so calibration can hook the head's input
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
         self.looping = True  # training turns recurrence on part-way; evaluation always loops
+        self.apply_precision()
+
+    def apply_precision(self):
+        """With cfg.record_precision, the record's bf16 token embedding and rotary tables (call it
+        again after casting the whole model)."""
+        if self.cfg.record_precision:
+            self.tok_emb.to(torch.bfloat16)
+            for module in self.modules():
+                if isinstance(module, Rotary):
+                    module.inv_freq = module.inv_freq.bfloat16()
+        return self
 
     def reset_parameters(self):
         """The records' init: orthogonal matrices (and embedding projections), zeroed output
@@ -230,14 +245,18 @@ class GPT(nn.Module):
                 # never get a gradient; an orthogonal projection of any width lets the table learn.
                 nn.init.orthogonal_(p)
 
-    def forward(self, ids, targets=None, adapters=None):
+    def forward(self, ids, targets=None, adapters=None, mean=False):
         """Softcapped logits (B, T, vocab) for token ids (B, T); with `targets`, the per-token
-        negative log-likelihood in nats (B, T) from a full softmax over the vocabulary.
+        negative log-likelihood in nats (B, T) from a full softmax over the vocabulary, or with
+        `mean` its mean as cross_entropy reduces it (training: the records' exact loss and gradient).
 
         `adapters` (LoRA test-time training, runtime/lora_ttt.py) adds low-rank deltas through
         this same forward: `adapters.layers[i]` is given to the i-th virtual layer's block and
         `adapters.head` adds to the logits before the softcap. One forward for every use means
         no hand-copied TTT forward can drift from the model (a record lost 0.8 bpb that way)."""
+        if self.cfg.record_precision and not torch.is_autocast_enabled(ids.device.type):
+            with torch.autocast(ids.device.type, torch.bfloat16):  # the record's linears cast to bf16
+                return self.forward(ids, targets, adapters, mean)
         x = self.tok_emb(ids)
         if self.bigram_emb is not None:
             x = x + self.bigram_emb(bigram_hash(ids, self.cfg.bigram_buckets))
@@ -258,17 +277,21 @@ class GPT(nn.Module):
                 if self.skip_gates is None:
                     x = x + skip
                 else:
-                    x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
+                    x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j].to(x.dtype)))
             x = self.blocks[layer](x, x0, ve, lora[num_encoder + j])
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         x = self.final_norm(x)
         logits = F.linear(x, head.to(x.dtype))
         if adapters is not None:
             logits = logits + adapters.head(x)
-        logits = logits.float()
+        if not self.cfg.record_precision:  # the record caps its bf16 logits
+            logits = logits.float()
         cap = self.cfg.logit_softcap
         if cap > 0:
             logits = cap * torch.tanh(logits / cap)
+        logits = logits.float()
         if targets is None:
             return logits
+        if mean:
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)

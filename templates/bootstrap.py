@@ -3,20 +3,29 @@
 This file becomes the archive's `__main__.py`; pgbuild fills in MANIFEST_SHA256 when it packs.
 Nothing from the archive is executed before every member has matched its SHA-256.
 """
+import sys
+
+# CPython put this archive first on sys.path to run it. Take it off before importing anything, so
+# that no member (a planted `hashlib.py`, say) can stand in for a module imported below. `sys`
+# is built in: importing it never searches the path.
+sys.path[:] = [entry for entry in sys.path if entry != getattr(__loader__, "archive", None)]
+
 import hashlib
 import importlib.abc
 import importlib.util
 import json
 import lzma
-import sys
 import zipfile
+import zlib
 
 MANIFEST_SHA256 = "@MANIFEST_SHA256@"
 ARCHIVE = sys.argv[0]
 
 
 def fail(message):
-    sys.exit(f"{ARCHIVE}: {message}")
+    """The one refusal format of every pgbuild command: one `error:` line, exit status 2."""
+    print(f"error: {ARCHIVE}: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 class BundledSources(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -39,13 +48,14 @@ class BundledSources(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 def main():
     try:
         archive = zipfile.ZipFile(ARCHIVE)
+        archive.read("__main__.py")  # its CRC-32: a damaged copy of this very file that still compiled
         manifest_bytes = archive.read("manifest.json")
         if hashlib.sha256(manifest_bytes).hexdigest() != MANIFEST_SHA256:
             fail("manifest checksum mismatch; the artifact was modified or is corrupt")
         manifest = json.loads(manifest_bytes)
         members = {name: archive.read(name) for name in manifest["members"]}
         unexpected = set(archive.namelist()) - set(members) - {"__main__.py", "manifest.json"}
-    except (OSError, zipfile.BadZipFile, KeyError, ValueError, EOFError) as e:
+    except (OSError, zipfile.BadZipFile, zlib.error, KeyError, ValueError, EOFError) as e:
         fail(f"unreadable artifact ({e}); it is corrupt or truncated: rebuild or re-download it")
     if unexpected:
         fail(f"unexpected members {sorted(unexpected)}; the artifact was modified")
@@ -59,4 +69,20 @@ def main():
     sys.exit(run_cli(sys.argv[1:], manifest, members.__getitem__))
 
 
-main()
+def damaged():
+    """Whether this file's own bytes fail their CRC-32: an exception is then damage, not a bug."""
+    try:
+        zipfile.ZipFile(ARCHIVE).read("__main__.py")
+    except Exception:
+        return True
+    return False
+
+
+try:
+    main()
+except Exception as e:
+    if not damaged():
+        raise
+    print(f"error: {sys.argv[0]}: its bootstrap is corrupt ({type(e).__name__}); rebuild or re-download it",
+          file=sys.stderr)
+    sys.exit(2)

@@ -14,6 +14,17 @@ FIXTURE = ROOT / "tests" / "fixtures" / "demo_corpus.jsonl.xz"
 VAL_DOCS = 20
 # A step cap, not a wallclock cap, so a loaded machine gives the same model, only later.
 TRAIN_SETTINGS = ["--set", "train.iterations=150", "--set", "train.max_wallclock_seconds=900"]
+# One torch thread everywhere: on a shared or loaded machine more threads make the suite several
+# times slower, not faster. Subprocesses (pgbuild, artifact.py, bench scripts) inherit it through
+# the environment, where their --threads default (runtime/threads.py) is capped by torch's own.
+os.environ["OMP_NUM_THREADS"] = "1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def run_pgbuild(*args, cwd=None, check=True):

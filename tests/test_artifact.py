@@ -144,11 +144,12 @@ def test_damaged_artifacts_fail_clearly(artifact, tmp_path, clean_env, demo_data
     path = tmp_path / "artifact.py"
     path.write_bytes(_damaged_copies(artifact)[damage])
     proc = run_artifact(path, "eval", "--data", demo_data, env=clean_env, cwd=tmp_path)
-    assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert "damaged" in proc.stderr or "checksum" in proc.stderr, proc.stderr
     if damage != "truncated":  # a truncated zip is compiled as source: Python quotes the preamble's warning line
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert_refused(proc)
+    else:
+        assert proc.returncode != 0
 
 
 def test_checksums_are_verified_before_anything_runs(artifact, tmp_path, clean_env, demo_data):
@@ -191,3 +192,140 @@ def test_artifact_runs_under_torchrun_like_one_process(workdir, clean_env, demo_
 def test_artifact_size_is_within_budget(packed):
     path, summary = packed
     assert os.path.getsize(path) == summary["bytes"] <= summary["budget_bytes"]
+
+
+# ----------------------------------------------------------------------------- hostile files and arguments
+
+def _add_members(raw, extra):
+    """The artifact with `extra` {name: bytes} appended as further zip members."""
+    out = io.BytesIO(raw)
+    with zipfile.ZipFile(out, "a") as zf:
+        for name, data in extra.items():
+            zf.writestr(name, data)
+    return out.getvalue()
+
+
+def _marker_code(marker):
+    return f"open({str(marker)!r}, 'w').write('ran')\n".encode()
+
+
+def assert_refused(proc, *left_behind_dirs):
+    """The refusal contract: one `error:` line, exit status 2, no traceback, no temporary file."""
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for folder in left_behind_dirs:
+        assert not [f for f in os.listdir(folder) if ".tmp" in f], os.listdir(folder)
+
+
+def test_planted_stdlib_modules_never_run(artifact, tmp_path, clean_env):
+    """The archive is on sys.path[0] when CPython starts it; members named like the modules the
+    bootstrap imports must not be what it imports."""
+    marker = tmp_path / "planted-code-ran"
+    shadows = ("hashlib.py", "json/__init__.py", "lzma.py", "zipfile.py", "zlib.py", "struct.py", "shutil.py")
+    path = tmp_path / "artifact.py"
+    path.write_bytes(_add_members(artifact.read_bytes(), {name: _marker_code(marker) for name in shadows}))
+    proc = run_artifact(path, "info", env=clean_env, cwd=tmp_path)
+    assert not marker.exists()
+    assert_refused(proc)
+    assert "unexpected members" in proc.stderr
+
+
+def _flip(raw, member, needle):
+    """`raw` with one bit flipped in the stored bytes of `member`, inside the first `needle`."""
+    info = zipfile.ZipFile(io.BytesIO(raw)).getinfo(member)
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    pos = raw.index(needle, start) if needle else start + info.compress_size // 2
+    return raw[:pos] + bytes([raw[pos] ^ 1]) + raw[pos + 1:]
+
+
+@pytest.mark.parametrize("member,needle", [
+    ("__main__.py", b"unexpected members"),  # in a string: still compiles, caught by its CRC-32
+    ("__main__.py", b"members.items()"),     # in a name: the exception is recognised as damage
+    ("manifest.json", None),                 # deflated: a damaged stream is zlib's error, not a traceback
+])
+def test_a_flipped_byte_is_one_error_line(artifact, tmp_path, clean_env, member, needle):
+    from builder.audit import audit_report
+    from runtime.errors import PgError
+
+    path = tmp_path / "artifact.py"
+    path.write_bytes(_flip(artifact.read_bytes(), member, needle))
+    assert_refused(run_artifact(path, "info", env=clean_env, cwd=tmp_path))
+    with pytest.raises(PgError, match=member.replace(".", r"\.") + "|corrupt"):
+        audit_report(str(path))
+
+
+def test_the_bootstrap_is_stored_so_cpython_never_inflates_it(artifact):
+    assert zipfile.ZipFile(artifact).getinfo("__main__.py").compress_type == zipfile.ZIP_STORED
+
+
+def _dataset_with_val(tmp_path, demo_data, shard):
+    data = tmp_path / "hostile-data"
+    data.mkdir()
+    shutil.copy(demo_data / "tokenizer.model", data / "tokenizer.model")
+    (data / "fineweb_val_000000.bin").write_bytes(shard)
+    return data
+
+
+def _read_only_dir(tmp_path):
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):  # root writes anywhere; sysfs refuses new files even to root
+        return "/sys"
+    return folder
+
+
+REFUSALS = {
+    "max-val-tokens 0": lambda tmp, data: ["--max-val-tokens", "0"],
+    "max-val-tokens negative": lambda tmp, data: ["--max-val-tokens", "-5"],
+    "stride 0": lambda tmp, data: ["--mode", "sliding", "--stride", "0"],
+    "device bogus": lambda tmp, data: ["--device", "bogus"],
+    "dump-nll into a missing dir": lambda tmp, data: ["--dump-nll", tmp / "missing" / "nll.npy"],
+    "dump-nll into a directory": lambda tmp, data: ["--dump-nll", tmp],
+    "dump-nll into a read-only dir": lambda tmp, data: ["--dump-nll", os.path.join(_read_only_dir(tmp), "nll.npy")],
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS) + ["device cuda without a GPU", "shard claims 10^12 tokens",
+                                                   "token ids beyond the vocab"])
+def test_every_refusal_is_one_error_line_and_exit_2(workdir, clean_env, demo_data, tmp_path, case):
+    import struct
+
+    import torch
+
+    from test_data import shard_bytes
+
+    data, extra = demo_data, []
+    if case == "device cuda without a GPU":
+        if torch.cuda.is_available():
+            pytest.skip("this machine has a GPU")
+        extra = ["--device", "cuda"]
+    elif case == "shard claims 10^12 tokens":
+        shard = bytearray(shard_bytes(np.arange(2000) % 1000))
+        shard[8:16] = struct.pack("<q", 10**12)
+        data = _dataset_with_val(tmp_path, demo_data, bytes(shard))
+    elif case == "token ids beyond the vocab":
+        data = _dataset_with_val(tmp_path, demo_data, shard_bytes(np.arange(2000) % 1000 + 1000))
+    else:
+        extra = REFUSALS[case](tmp_path, demo_data)
+    before = sorted(os.listdir(workdir))
+    proc = run_artifact(workdir / "artifact.py", "eval", "--data", data, "--mode", "standard", "--max-val-tokens",
+                        1000, *extra, env=clean_env, cwd=workdir)
+    assert_refused(proc, workdir)
+    assert sorted(os.listdir(workdir)) == before  # workdir is tmp_path: nothing written, nothing left
+
+
+def test_info_into_a_closed_pipe_is_one_error_line(workdir, clean_env):
+    proc = subprocess.Popen([sys.executable, str(workdir / "artifact.py"), "info"], cwd=workdir, env=clean_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before the artifact has started, so its first write meets a closed pipe
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 2 and stderr.startswith("error: ") and len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_a_missing_archive_is_refused_by_the_preamble(artifact, tmp_path, clean_env):
+    path = tmp_path / "artifact.py"
+    raw = artifact.read_bytes()
+    path.write_bytes(raw[:raw.index(b"PK\x03\x04")])
+    assert_refused(run_artifact(path, "info", env=clean_env, cwd=tmp_path))

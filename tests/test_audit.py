@@ -392,3 +392,74 @@ def test_tensor_groups():
     assert tensor_group("blocks.3.attn.k.weight") == "attention"
     assert tensor_group("blocks.0.mlp.proj.weight") == "mlp"
     assert tensor_group("blocks.0.resid_mix") == tensor_group("skip_gates") == tensor_group("blocks.1.attn.q_gain") == "control"
+
+
+# ----------------------------------------------------------------------------- integrity and origin
+
+def test_a_fresh_artifact_is_canonical_and_matches_its_submission(artifact, tmp_path):
+    path = tmp_path / "artifact.py"
+    path.write_bytes(artifact.read_bytes())
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    (tmp_path / "submission.json").write_text(json.dumps({"artifact_sha256": sha}))
+    report = audit_json(path)
+    assert report["code"]["canonical"] == {"preamble": True, BOOTSTRAP: True, "runtime.xz": True}
+    assert report["sha256"] == sha and report["submission"]["matches"] is True
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"artifact_sha256": "0" * 64}))
+    assert audit_json(path, "--submission", other)["submission"]["matches"] is False
+    shown = CliRunner().invoke(audit, [str(path), "--submission", str(other)]).output
+    assert "canonical" in shown and sha in shown and "DIFFERS" in shown
+
+
+def test_a_whole_rewrite_passes_the_checksums_but_is_not_canonical(small_artifact, tmp_path):
+    """A new runtime with every hash recomputed: the file vouches for itself, the audit does not."""
+    import lzma
+
+    from builder.pack import bootstrap_source, runtime_sources
+    from runtime.codec import LZMA_FILTERS
+
+    sources = dict(runtime_sources(), **{"runtime.extra": "print('not pgbuild code')"})
+    runtime = lzma.compress(json.dumps(sources).encode(), format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+    with zipfile.ZipFile(small_artifact) as zf:
+        manifest = json.loads(zf.read(MANIFEST))
+    manifest["members"]["runtime.xz"] = hashlib.sha256(runtime).hexdigest()
+    manifest_bytes = json.dumps(manifest, separators=(",", ":")).encode()
+    rewritten = tmp_path / "rewritten.py"
+    rezip(small_artifact, rewritten, {"runtime.xz": runtime, MANIFEST: manifest_bytes,
+                                      BOOTSTRAP: bootstrap_source(hashlib.sha256(manifest_bytes).hexdigest())})
+    assert audit_json(rewritten)["code"]["canonical"] == {"preamble": True, BOOTSTRAP: True, "runtime.xz": False}
+
+
+def test_a_replaced_bootstrap_is_not_canonical(booby_trapped):
+    path, marker = booby_trapped
+    assert audit_json(path)["code"]["canonical"][BOOTSTRAP] is False and not marker.exists()
+
+
+def test_a_flipped_byte_in_the_preamble_is_not_canonical(small_artifact, tmp_path):
+    raw = bytearray(small_artifact.read_bytes())
+    raw[PREAMBLE.index(b"Parameter Golf")] ^= 1
+    path = tmp_path / "flipped.py"
+    path.write_bytes(bytes(raw))
+    assert audit_json(path)["code"]["canonical"]["preamble"] is False
+
+
+def test_a_planted_pyc_is_refused_statically_and_never_run_by_the_audit(small_artifact, tmp_path):
+    """CPython's zipimport prefers `__main__.pyc` to `__main__.py`, so when the file is run the
+    planted code runs before any of pgbuild's (a rewrite no file can defend itself against);
+    the audit, which never runs it, refuses it as a member the manifest does not list."""
+    import importlib.util
+    import marshal
+
+    marker = tmp_path / "EXECUTED"
+    code = compile(f"open({str(marker)!r}, 'w').write('pyc')", "__main__.py", "exec")
+    pyc = importlib.util.MAGIC_NUMBER + (1).to_bytes(4, "little") + bytes(8) + marshal.dumps(code)  # unchecked hash
+    path = tmp_path / "planted.py"
+    raw = small_artifact.read_bytes()
+    with open(path, "wb") as f:
+        f.write(raw)
+    with zipfile.ZipFile(path, "a") as zf:
+        zf.writestr("__main__.pyc", pyc)
+    assert "__main__.pyc" in assert_one_line_error(path)
+    assert not marker.exists()
+    subprocess.run([sys.executable, str(path)], capture_output=True, timeout=60)
+    assert marker.exists()  # the residual risk the README states; the audit above is the defence

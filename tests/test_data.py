@@ -55,3 +55,22 @@ def test_missing_things_are_named(tmp_path):
     with pytest.raises(PgError, match="fineweb_train"):
         find_data(str(tmp_path)).shards("train")
     assert HEADER_BYTES == 1024
+
+
+def test_memory_is_bounded_by_the_tokens_kept_not_the_header(tmp_path):
+    """A (sparse) shard whose header and size claim 2^31 - 1 tokens: a prefix costs a prefix."""
+    from runtime.data import DataLayout, load_tokens
+
+    path = tmp_path / "fineweb_val_000000.bin"
+    count = 2**31 - 1
+    with open(path, "wb") as f:
+        f.write(shard_bytes([7, 8, 9], count=count))
+        f.truncate(HEADER_BYTES + 2 * count)
+    tokens = load_tokens(DataLayout(str(tmp_path), str(tmp_path / "tokenizer.model")), "val", 5)
+    assert tokens.tolist() == [7, 8, 9, 0, 0]
+
+
+def test_an_empty_shard_reads_as_no_tokens(tmp_path):
+    path = tmp_path / "fineweb_val_000000.bin"
+    path.write_bytes(shard_bytes([]))
+    assert read_shard(path, mmap=True).size == 0

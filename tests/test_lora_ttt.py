@@ -154,7 +154,10 @@ def test_two_gloo_processes_agree_with_one(setup, tmp_path):
         single = run(model, tokens, tables)
     finally:
         torch.set_num_threads(threads)
-    # The phases' gradients are summed across ranks, in another order: rounding only (4e-5 seen).
+    # The phases' gradients are summed across ranks, in another order, and each rank forwards
+    # half of a step's rows in one batch: rounding only, which the adapters' Adam steps amplify
+    # (7.5e-5 seen with one sequence per forward, 6e-4 at 4 of 848 positions with batched steps;
+    # the mean moves by 1.5e-7).
     two = np.load(tmp_path / "nll.npy")
-    np.testing.assert_allclose(two, single.nll, rtol=0, atol=2e-4)
+    np.testing.assert_allclose(two, single.nll, rtol=0, atol=1e-3)
     assert abs(float(two.astype(np.float64).mean()) - float(single.nll.astype(np.float64).mean())) < 1e-6

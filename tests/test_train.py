@@ -47,13 +47,16 @@ def test_two_processes_match_one_process_with_accumulation(demo_data, tmp_path):
     single = train_checkpoint(demo_data, tmp_path / "one.pt")
     double = train_checkpoint(demo_data, tmp_path / "two.pt", "--nproc-per-node", 2)
     assert double["provenance"]["world_size"] == 2 and single["provenance"]["world_size"] == 1
+    # Not bitwise: the all-reduce sums gradients in another order, and Newton-Schulz runs in bf16 as
+    # the records' does, so last-bit gradient differences flip bf16 roundings of the Muon updates and
+    # Adam's first steps (g / |g|) amplify them: measured 8.6e-3 at most after 3 steps (fp32 NS: 1e-3).
     for name, value in single["state"].items():
-        torch.testing.assert_close(double["state"][name], value, rtol=1e-3, atol=1e-3, msg=name)
+        torch.testing.assert_close(double["state"][name], value, rtol=2e-2, atol=2e-2, msg=name)
     # Each rank keeps the Muon momentum of the matrices it owns; the checkpoint gathers all of it.
     muon_one, muon_two = (ckpt["training"]["optimizers"][0]["state"] for ckpt in (single, double))
     assert len(muon_two) == len(muon_one) > 0
     for index, state in muon_one.items():
-        torch.testing.assert_close(muon_two[index]["momentum_buffer"], state["momentum_buffer"], rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(muon_two[index]["momentum_buffer"], state["momentum_buffer"], rtol=2e-2, atol=2e-2)
 
 
 def test_record_preset_trains_on_cpu_with_shrunk_shapes(demo_data, tmp_path):
@@ -289,6 +292,8 @@ def test_train_and_pack_run_dir_summary(demo_data, tmp_path):
     assert all(not isinstance(v, (dict, list)) for v in summary.values())
     assert summary["bytes"] == (tmp_path / "a.py").stat().st_size and summary["seed"] == 1337
     assert summary["preset"] == "tiny" and summary["steps"] == 2 and summary["weights"] == "ema"
+    assert summary["stopped_by"] == "step cap" and summary["unigram_bpb"] < summary["uniform_bpb"]
+    assert len((run / "train_log.jsonl").read_text().splitlines()) == 2  # short run: every step logged
     assert {"prequant_bpb", "standard_bpb", "train_seconds", "hessians_seconds", "gptq_seconds", "compress_seconds",
             "eval_seconds", "wallclock_seconds", "within_wallclock"} <= set(summary)
     assert summary["wallclock_seconds"] >= summary["train_seconds"] + summary["hessians_seconds"]

@@ -133,6 +133,13 @@ def test_cli_verify_passes_the_real_artifact(artifact, demo_data):
     report = json.loads(proc.stdout)
     assert proc.returncode == 0 and report["passed"] and report["executes_artifact_code"]
     assert set(report["modes"]) == {"standard", "sliding", "ttt", "lora"}
+    # Each mode's verdict is on stderr as it finishes (a killed run keeps the ones before), with the
+    # baselines on the same tokens beside the bpb.
+    verdicts = [line for line in proc.stderr.splitlines() if line.startswith("verify ")]
+    assert [line.split(":")[0] for line in verdicts] == [f"verify {m}" for m in report["modes"]]
+    assert all(": PASS " in line and "uniform" in line for line in verdicts)
+    for mode in report["modes"].values():
+        assert mode["val_bpb"] < mode["unigram_bpb"] < mode["uniform_bpb"]
     assert failed(report) == {m: [] for m in report["modes"]}
     ttt, lora = report["modes"]["ttt"]["checks"], report["modes"]["lora"]["checks"]
     # The evidence is real: updates happened on scored positions only, every position scored once.
@@ -166,6 +173,7 @@ def test_an_unnormalized_distribution_is_caught(artifact, demo_data, tmp_path):
                        check=False)
     report = json.loads(proc.stdout)
     assert proc.returncode == 1 and failed(report) == {"standard": ["normalized"]}
+    assert "verify standard: FAIL (C2 normalized)" in proc.stderr  # the verdict, as soon as the mode ends
     assert report["modes"]["standard"]["checks"]["normalized"]["max_implied_mass"] == pytest.approx(2.0, rel=1e-4)
     console = Console(record=True, width=200)
     render(console, report)

@@ -1,0 +1,125 @@
+"""The records' own, unmodified code (../shared/reference) loaded as a module, to run beside pgbuild.
+
+The reference scripts are CUDA-only as shipped: they import FlashAttention 3, compile with
+inductor and call `torch.cuda.*`. Here, at run time and outside pgbuild's packages, FA3 is
+replaced by torch's SDPA (always: neither this machine nor the GPU machine has flash-attn) and,
+for a CPU run, `torch.compile` by the identity and the few `torch.cuda` calls that only time or
+report by no-ops, so the same code also runs on the CPU. Their configuration is environment
+variables read when the `Hyperparameters` class is created, so they are set around the load and
+restored afterwards.
+
+Used by bench/race.py (the reference's side of the race) and by the tests (tests/oracle.py).
+"""
+
+import contextlib
+import os
+import sys
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REFERENCE = Path(__file__).resolve().parent.parent.parent / "shared" / "reference"
+
+
+def reference_path(name):
+    """../shared/reference/{name}_train_gpt.py (it may be absent: callers check)."""
+    return REFERENCE / f"{name}_train_gpt.py"
+
+
+def sdpa_flash_attn_func(q, k, v, causal=True):
+    """FA3's flash_attn_func contract on (B, T, H, D) tensors, through SDPA."""
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=causal, enable_gqa=True)
+    return y.transpose(1, 2)
+
+
+def identity_compile(fn=None, **_options):
+    """`torch.compile` as a no-op, both as `@torch.compile` and `torch.compile(f, fullgraph=...)`."""
+    return (lambda f: f) if fn is None else fn
+
+
+class _CudaOnCpu(types.ModuleType):
+    """`torch.cuda` for a CPU run: synchronizing is a no-op, memory peaks read 0, anything else
+    is torch.cuda's own."""
+
+    def __init__(self):
+        super().__init__("torch.cuda")
+        self.synchronize = lambda device=None: None
+        self.max_memory_allocated = lambda device=None: 0
+        self.max_memory_reserved = lambda device=None: 0
+        self.empty_cache = lambda: None
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+def _torch_on_cpu():
+    """The module's `torch` global for a CPU run: torch itself, but `compile` the identity (the
+    reference also calls it inside its training and eval functions) and `cuda` as above."""
+    shim = types.ModuleType("torch")
+    shim.__getattr__ = lambda name: getattr(torch, name)
+    shim.compile = identity_compile
+    shim.cuda = _CudaOnCpu()
+    return shim
+
+
+@contextlib.contextmanager
+def _patched(env, cpu):
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved_compile = torch.compile
+    fa3 = types.ModuleType("flash_attn_interface")
+    fa3.flash_attn_func = sdpa_flash_attn_func
+    had_fa3 = sys.modules.get("flash_attn_interface")
+    os.environ.update({k: str(v) for k, v in env.items()})
+    if cpu:
+        torch.compile = identity_compile  # the module-level @torch.compile runs during the load
+    sys.modules["flash_attn_interface"] = fa3
+    try:
+        yield
+    finally:
+        torch.compile = saved_compile
+        if had_fa3 is None:
+            sys.modules.pop("flash_attn_interface", None)
+        else:
+            sys.modules["flash_attn_interface"] = had_fa3
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+# r0409 nests double quotes inside two f-strings, which only Python >= 3.12 parses (PEP 701).
+# On older Pythons these two quote swaps, and nothing else, make it compile; behaviour is unchanged.
+PRE_PEP701_QUOTES = {"r0409": [('{", ".join(', "{', '.join("),
+                               ('glob("fineweb_train_*.bin")', "glob('fineweb_train_*.bin')")]}
+
+
+def _source(name, path):
+    source = path.read_text(encoding="utf-8")
+    if sys.version_info < (3, 12):
+        for old, new in PRE_PEP701_QUOTES.get(name, []):
+            source = source.replace(old, new)
+    return source
+
+
+def load_reference_module(name, env=None, cpu=True, path=None):
+    """The reference script `{name}_train_gpt.py` (or the copy of it at `path`) as a fresh
+    module, configured by `env`.
+
+    `cpu=True`: eager (torch.compile the identity) and the timing/reporting torch.cuda calls
+    no-ops. `cpu=False` (a GPU): the code runs as shipped, compiled, but for FA3 -> SDPA.
+    Raises FileNotFoundError when ../shared/reference is not beside the checkout."""
+    path = Path(path) if path else reference_path(name)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is absent: the reference needs ../shared/reference beside the checkout")
+    module = types.ModuleType(f"reference_{name}")
+    module.__file__ = str(path)
+    code = compile(_source(name, path), str(path), "exec")
+    with _patched(env or {}, cpu):
+        exec(code, module.__dict__)
+    if cpu:
+        module.torch = _torch_on_cpu()
+    return module
