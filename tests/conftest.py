@@ -1,6 +1,7 @@
 """Shared fixtures: a real dataset built from the committed public-domain fixture, and one real
 artifact trained and packed by the `pgbuild` CLI, reused by every test that needs one."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -91,3 +92,50 @@ def clean_env(tmp_path_factory):
 def run_artifact(path, *args, env, cwd):
     return subprocess.run([sys.executable, str(path), *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+def load_bench_script(name):
+    """bench/NAME.py as a module (bench/ is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_bench_script(name, *args):
+    return subprocess.run([sys.executable, str(ROOT / "bench" / f"{name}.py"), *map(str, args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _gloo_rank_main(rank, world, port, model_path, tokens, tables, cfg, mode, out_path):
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from runtime.evaluate import evaluate
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        result = evaluate(torch.load(model_path, weights_only=False), tokens, tables, cfg, mode, torch.device("cpu"))
+        if rank == 0:
+            np.save(out_path, result.nll)
+    finally:
+        dist.destroy_process_group()
+
+
+def nll_on_gloo_ranks(model, tokens, tables, cfg, mode, tmp_path, world=2):
+    """Per-position NLLs of `evaluate` run by `world` gloo processes with one thread each."""
+    import socket
+
+    import numpy as np
+    import torch
+    import torch.multiprocessing as mp
+
+    torch.save(model, tmp_path / "model.pt")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gloo_rank_main, args=(world, port, tmp_path / "model.pt", tokens, tables, cfg, mode,
+                                    tmp_path / "nll.npy"), nprocs=world)
+    return np.load(tmp_path / "nll.npy")

@@ -1,7 +1,6 @@
 """bench/gpu.py: the whole benchmark on CPU at tiny size, and its FLOP count against hand counts."""
 
 import dataclasses
-import importlib.util
 import json
 import signal
 import subprocess
@@ -10,25 +9,17 @@ import sys
 import pytest
 
 from builder.config import get_preset
-from conftest import ROOT
+from conftest import ROOT, load_bench_script, run_bench_script
 from runtime.model import GPT
 
 SCRIPT = ROOT / "bench" / "gpu.py"
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_gpu", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_bench()
+bench = load_bench_script("gpu")
 
 
 def run_bench(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+    return run_bench_script("gpu", *args)
 
 
 @pytest.fixture(scope="module")

@@ -1,37 +1,25 @@
 """bench/race.py: the shrunk race on CPU (the record's own script against pgbuild), the preset ->
 environment mapping against the record script's defaults, and the log parsing on its real log."""
 
-import importlib.util
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
 from builder.config import get_preset
-from conftest import ROOT
+from conftest import load_bench_script, run_bench_script
 from oracle import REFERENCE, load_reference
 
-SCRIPT = ROOT / "bench" / "race.py"
 LOG = REFERENCE / "r0409_train_seed42.log"
 needs_reference = pytest.mark.skipif(not (REFERENCE / "r0409_train_gpt.py").exists(),
                                      reason=f"{REFERENCE} is absent: the race needs the record's script")
 
 
-def load_race():
-    spec = importlib.util.spec_from_file_location("bench_race", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-race = load_race()
+race = load_bench_script("race")
 
 
 def run_race(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
+    return run_bench_script("race", *args)
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import nll_on_gloo_ranks
 from runtime.config import EvalConfig
 from runtime.data import load_tokens
 from runtime.evaluate import Ranks, evaluate, sliding_windows, target_bytes, train_on_positions, trim_stream
@@ -142,30 +143,10 @@ def test_batched_ttt_steps_match_one_sequence_per_forward(setup):
     assert moved > 1e-3 and differ < 1e-6
 
 
-def _ttt_rank_main(rank, world, port, model_path, tokens, tables, out_path):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        result = evaluate(torch.load(model_path, weights_only=False), tokens, tables, CFG, "ttt", CPU)
-        if rank == 0:
-            np.save(out_path, result.nll)
-    finally:
-        dist.destroy_process_group()
-
-
 def test_ttt_on_two_gloo_processes_agrees_with_one(setup, tmp_path):
     """Each rank forwards its share of a step's sequences in one batch; the gradients are summed."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     model, tokens, tables, _ = setup
-    torch.save(model, tmp_path / "model.pt")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ttt_rank_main, args=(2, port, tmp_path / "model.pt", tokens, tables, tmp_path / "nll.npy"), nprocs=2)
+    two = nll_on_gloo_ranks(model, tokens, tables, CFG, "ttt", tmp_path)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank computes
     try:
@@ -174,4 +155,4 @@ def test_ttt_on_two_gloo_processes_agrees_with_one(setup, tmp_path):
         torch.set_num_threads(threads)
     # Batches of 2 rows per rank instead of 4 round differently: 4.5e-6 seen, where TTT itself
     # moves scores by up to 0.12 nats.
-    np.testing.assert_allclose(np.load(tmp_path / "nll.npy"), single.nll, rtol=0, atol=5e-5)
+    np.testing.assert_allclose(two, single.nll, rtol=0, atol=5e-5)

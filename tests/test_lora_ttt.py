@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import nll_on_gloo_ranks
 from runtime.config import EvalConfig
 from runtime.data import load_tokens
 from runtime.evaluate import evaluate, trim_stream
@@ -121,30 +122,10 @@ def test_adaptation_lowers_the_loss(setup):
     assert run(model, tokens, tables, adapted).val_bpb < run(model, tokens, tables, frozen).val_bpb - 0.005
 
 
-def _rank_main(rank, world, port, model_path, tokens, tables, out_path):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        result = evaluate(torch.load(model_path, weights_only=False), tokens, tables, CFG, "lora", CPU)
-        if rank == 0:
-            np.save(out_path, result.nll)
-    finally:
-        dist.destroy_process_group()
-
-
 def test_two_gloo_processes_agree_with_one(setup, tmp_path):
     """Each rank adapts its share of a segment's batches; both meet for the phases."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     model, tokens, tables = setup
-    torch.save(model, tmp_path / "model.pt")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank_main, args=(2, port, tmp_path / "model.pt", tokens, tables, tmp_path / "nll.npy"), nprocs=2)
+    two = nll_on_gloo_ranks(model, tokens, tables, CFG, "lora", tmp_path)
     # Each rank computes with one thread, and so must the reference: Adam's first steps divide a
     # gradient by its own magnitude, so the rounding of another thread count (3e-3 nats here) is
     # not noise this test could tell from a real difference.
@@ -158,6 +139,5 @@ def test_two_gloo_processes_agree_with_one(setup, tmp_path):
     # half of a step's rows in one batch: rounding only, which the adapters' Adam steps amplify
     # (7.5e-5 seen with one sequence per forward, 6e-4 at 4 of 848 positions with batched steps;
     # the mean moves by 1.5e-7).
-    two = np.load(tmp_path / "nll.npy")
     np.testing.assert_allclose(two, single.nll, rtol=0, atol=1e-3)
     assert abs(float(two.astype(np.float64).mean()) - float(single.nll.astype(np.float64).mean())) < 1e-6
