@@ -271,7 +271,10 @@ def quantize(checkpoint, data, out, budget_bytes, assignments, eval_tokens, eval
 def _print_tensor_report(rows):
     table = Table(title="quantized tensors")
     for column in ("tensor", "encoding", "bytes", "bits/param", "Hessian-weighted error"):
-        table.add_column(column, justify="left" if column in ("tensor", "encoding") else "right")
+        # A tensor's name is what the row is for: the other columns give way on a narrow terminal.
+        width = max(len(row["name"]) for row in rows) if column == "tensor" else None
+        table.add_column(column, justify="left" if column in ("tensor", "encoding") else "right",
+                         min_width=width, no_wrap=column == "tensor")
     for row in rows:
         table.add_row(row["name"], row["encoding"], f"{row['bytes']:,}", f"{row['bits_per_param']:.3f}",
                       f"{row['error']:.4g}")

@@ -21,6 +21,11 @@ TRAIN_SETTINGS = ["--set", "train.iterations=150", "--set", "train.max_wallclock
 os.environ["OMP_NUM_THREADS"] = "1"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true",
+                     help="rewrite tests/fixtures/golden_pack.json from this run (after an intended change)")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     import torch
