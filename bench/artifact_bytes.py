@@ -21,8 +21,8 @@ import brotli
 import numpy as np
 import torch
 
-from builder.layout import RowOrders, nn_columns
-from builder.pack import compress
+from builder.artifact.layout import RowOrders, nn_columns
+from builder.artifact.pack import compress
 from runtime.artifact import Artifact
 from runtime.cli import load_model
 from runtime.codec import decode_streams

@@ -44,8 +44,8 @@ if ROOT not in sys.path:  # run as `python bench/gpu.py` without installing the 
 
 import runtime.model as runtime_model  # noqa: E402
 from builder.config import apply_overrides, get_preset  # noqa: E402
-from builder.optim import schedule_at  # noqa: E402
-from builder.train import Trainer, setup_context  # noqa: E402
+from builder.train.optim import schedule_at  # noqa: E402
+from builder.train.trainer import Trainer, setup_context  # noqa: E402
 from runtime.data import find_data, load_tokens  # noqa: E402
 from runtime.errors import PgError  # noqa: E402
 from runtime.evaluate import byte_tables, evaluate, trim_stream  # noqa: E402
@@ -181,7 +181,7 @@ def device_name(device):
 # ----------------------------------------------------------------------------- 1. training
 
 def train_step(trainer, step):
-    """What builder.train's loop does per step before warmdown: the optimizer step at full LR,
+    """What builder.train.trainer's loop does per step before warmdown: the optimizer step at full LR,
     then the weight-average (EMA) update."""
     loss = trainer.step(schedule_at(step, 0.0, trainer.cfg))
     trainer.averages.update(trainer.model, step + 1, 0.0)

@@ -20,11 +20,11 @@ import time
 import sentencepiece as spm
 import torch
 
-from builder.budget import allocate, fit_budget
+from builder.artifact.budget import allocate, fit_budget
 from builder.config import RECIPES, apply_overrides, apply_recipe
-from builder.pack import StreamCompressor, build_artifact
+from builder.artifact.pack import StreamCompressor, build_artifact
 from builder.pipeline import file_sha256, load_checkpoint, val_stream
-from builder.quantize import LossProbe, Quantizer, collect_hessians
+from builder.quant.quantize import LossProbe, Quantizer, collect_hessians
 from runtime.artifact import Artifact
 from runtime.cli import load_model
 from runtime.data import find_data

@@ -11,7 +11,7 @@ made here from pgbuild's: train shards and tokenizer linked, the validation shar
 1. the reference, ../shared/reference/r0409_train_gpt.py, loaded as a module (bench/reference.py:
    FA3 -> SDPA, configured by its environment variables, derived from the preset) and driven
    through its own train_model, eval_val_sliding and eval_val_ttt;
-2. pgbuild's preset through builder.train.train and runtime.evaluate.
+2. pgbuild's preset through builder.train.trainer.train and runtime.evaluate.
 
 Both train under the same wallclock cap (MAX_WALLCLOCK_SECONDS / train.max_wallclock_seconds,
 no GPTQ reserve on either side), compiled, after --warmup-steps untimed steps per graph (plain
@@ -48,7 +48,7 @@ for path in (ROOT, BENCH):  # run as `python bench/race.py` without installing t
         sys.path.insert(0, path)
 
 from builder.config import apply_overrides, get_preset  # noqa: E402
-from builder.dataset import write_shard  # noqa: E402
+from builder.data.build import write_shard  # noqa: E402
 from gpu import (Interrupted, device_name, peak_tflops, raise_recompile_limit, train_flops_per_token,  # noqa: E402
                  write_json)
 from runtime.data import find_data, load_tokens  # noqa: E402
@@ -230,7 +230,7 @@ RECURRENCE_ON = re.compile(r"step (\d+): depth recurrence on")
 
 
 def run_pgbuild(args, preset, device, result):
-    from builder.train import setup_context, train
+    from builder.train.trainer import setup_context, train
     import sentencepiece as spm
 
     ctx = setup_context(require_cuda=preset.train.require_cuda)

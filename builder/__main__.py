@@ -1,3 +1,3 @@
-from builder.cli import main
+from builder.commands.main import main
 
 main(prog_name="pgbuild")

@@ -16,7 +16,7 @@ from runtime.errors import PgError
 
 
 NEWTON_SCHULZ_NAMES = ("classic", "polar_express")
-"""Coefficient sets of builder.optim.NEWTON_SCHULZ (named here so configs load without torch)."""
+"""Coefficient sets of builder.train.optim.NEWTON_SCHULZ (named here so configs load without torch)."""
 
 
 @dataclass(frozen=True)

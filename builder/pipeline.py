@@ -20,11 +20,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from builder.budget import allocate, fit_budget, measured_bytes
+from builder.artifact.budget import allocate, fit_budget, measured_bytes
 from builder.config import Preset
-from builder.pack import StreamCompressor, build_artifact, write_atomic
+from builder.artifact.pack import StreamCompressor, build_artifact, write_atomic
 from builder.progress import scoring_progress
-from builder.quantize import LossProbe, Quantizer, collect_hessians
+from builder.quant.quantize import LossProbe, Quantizer, collect_hessians
 from builder.timebudget import Stopwatch, describe, stop_rule, timing_summary
 from runtime.artifact import Artifact
 from runtime.baselines import baselines

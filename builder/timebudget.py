@@ -90,9 +90,9 @@ def _timed(fn):
 
 def estimate_post_training(model, layout, preset, device):
     """{'hessians', 'gptq', 'compress'}: estimated seconds of each stage for this model."""
-    from builder.budget import measured_bytes
-    from builder.pack import StreamCompressor, runtime_stream
-    from builder.quantize import Quantizer, collect_hessians
+    from builder.artifact.budget import measured_bytes
+    from builder.artifact.pack import StreamCompressor, runtime_stream
+    from builder.quant.quantize import Quantizer, collect_hessians
 
     qcfg, tcfg = preset.quant, preset.train
     # Under DDP every rank forwards 1/world of each calibration batch: time rank 0's share.

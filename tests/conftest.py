@@ -43,7 +43,7 @@ def run_pgbuild(*args, cwd=None, check=True):
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
-    from builder.dataset import build_dataset
+    from builder.data.build import build_dataset
 
     out = tmp_path_factory.mktemp("data")
     build_dataset(FIXTURE, 1024, out, val_docs=VAL_DOCS)

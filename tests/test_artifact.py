@@ -85,7 +85,7 @@ def test_info_prints_manifest_without_torch(workdir, clean_env):
 
 
 def test_refuses_a_different_tokenizer_unless_forced(workdir, clean_env, demo_data, tmp_path):
-    from builder.dataset import build_dataset
+    from builder.data.build import build_dataset
     from conftest import FIXTURE
 
     build_dataset(FIXTURE, 1024, tmp_path / "other", val_docs=40)  # same vocab size, other training docs
@@ -107,7 +107,7 @@ def test_unreadable_tokenizer_is_one_line(workdir, clean_env, demo_data, tmp_pat
 
 
 def test_refuses_a_tokenizer_with_another_vocab(workdir, clean_env, tmp_path):
-    from builder.dataset import build_dataset
+    from builder.data.build import build_dataset
     from conftest import FIXTURE
 
     other = tmp_path / "other"
@@ -245,7 +245,7 @@ def _flip(raw, member, needle):
     ("manifest.json", None),                 # deflated: a damaged stream is zlib's error, not a traceback
 ])
 def test_a_flipped_byte_is_one_error_line(artifact, tmp_path, clean_env, member, needle):
-    from builder.audit import audit_report
+    from builder.artifact.audit import audit_report
     from runtime.errors import PgError
 
     path = tmp_path / "artifact.py"

@@ -3,7 +3,7 @@ consistent with the streams they describe, broken files fail with one line, and 
 only ever read, never executed.
 
 The `artifact` fixture (conftest) is a model trained and packed by the CLI; `small_artifact` is a
-second, different artifact packed directly by `builder.pack` from synthetic int5/int6/int8/fp16
+second, different artifact packed directly by `builder.artifact.pack` from synthetic int5/int6/int8/fp16
 tensors, so comparisons have two distinct files and the intB streams are exercised."""
 
 import builtins
@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from builder.audit import GROUPS, ROLES, audit, audit_report, entropy_bytes, split_proportionally, tensor_group, Ref
-from builder.pack import PREAMBLE, ZIP_EPOCH, StreamCompressor, build_artifact
-from builder.quantize import Encoded
+from builder.artifact.audit import GROUPS, ROLES, audit, audit_report, entropy_bytes, split_proportionally, tensor_group, Ref
+from builder.artifact.pack import PREAMBLE, ZIP_EPOCH, StreamCompressor, build_artifact
+from builder.quant.quantize import Encoded
 from conftest import run_pgbuild
 from runtime.artifact import BOOTSTRAP, MANIFEST
 
@@ -415,7 +415,7 @@ def test_a_whole_rewrite_passes_the_checksums_but_is_not_canonical(small_artifac
     """A new runtime with every hash recomputed: the file vouches for itself, the audit does not."""
     import lzma
 
-    from builder.pack import bootstrap_source, runtime_sources
+    from builder.artifact.pack import bootstrap_source, runtime_sources
     from runtime.codec import LZMA_FILTERS
 
     sources = dict(runtime_sources(), **{"runtime.extra": "print('not pgbuild code')"})

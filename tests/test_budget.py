@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from builder.budget import _global_prune_order, _with_pruned, allocate, fit_budget, prune_to_fit
+from builder.artifact.budget import _global_prune_order, _with_pruned, allocate, fit_budget, prune_to_fit
 from builder.config import QuantConfig
-from builder.pack import StreamCompressor, build_artifact
-from builder.quantize import Quantizer, prune_count
+from builder.artifact.pack import StreamCompressor, build_artifact
+from builder.quant.quantize import Quantizer, prune_count
 from conftest import run_pgbuild
 from runtime.errors import PgError
 

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from builder.config import get_preset
-from builder.quantize import collect_hessians
+from builder.quant.quantize import collect_hessians
 from runtime.data import find_data
 from runtime.model import GPT
 

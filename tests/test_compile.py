@@ -17,7 +17,7 @@ from torch._dynamo.utils import counters
 
 from builder.config import apply_overrides, get_preset
 from builder.pipeline import provenance
-from builder.train import Context, train
+from builder.train.trainer import Context, train
 from runtime.data import find_data, load_tokens
 from runtime.errors import PgError
 from runtime.evaluate import Ranks, score_first_ttt, score_windows, sliding_windows

@@ -15,10 +15,10 @@ import sentencepiece as spm
 from click.testing import CliRunner
 from huggingface_hub import hf_hub_download
 
-from builder import download as download_mod
-from builder.cli_data import data
-from builder.dataset import build_dataset
-from builder.download import download
+from builder.data import download as download_mod
+from builder.commands.data import data
+from builder.data.build import build_dataset
+from builder.data.download import download
 from runtime.data import find_data, load_tokens
 from runtime.errors import PgError
 

@@ -4,7 +4,7 @@ corrupt input is a one-line PgError."""
 import numpy as np
 import pytest
 
-from builder.entropy import CONTEXT_CHOICES, encode, encode_with, lane_order, normalize
+from builder.artifact.entropy import CONTEXT_CHOICES, encode, encode_with, lane_order, normalize
 from runtime.artifact import Artifact
 from runtime.codec import decode_streams, decompress
 from runtime.errors import PgError

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from builder.audit import tensor_group
+from builder.artifact.audit import tensor_group
 from builder.config import TrainConfig, apply_overrides, get_preset
-from builder.optim import build_optimizers
-from builder.quantize import is_quantized, matrix_group
+from builder.train.optim import build_optimizers
+from builder.quant.quantize import is_quantized, matrix_group
 from runtime.config import ModelConfig
 from runtime.errors import PgError
 from runtime.model import GPT, SmearGate, bigram_hash
@@ -228,7 +228,7 @@ def test_new_parameters_are_routed_to_optimizers_quantization_and_audit():
 def test_lookup_tables_get_identity_hessians_and_projections_real_ones(demo_data):
     from dataclasses import replace
 
-    from builder.quantize import Quantizer, collect_hessians
+    from builder.quant.quantize import Quantizer, collect_hessians
     from runtime.data import find_data
 
     model = tiny_model(**{**SWITCHES["all"], "vocab_size": 1024, "bigram_buckets": 512})  # tables > passthrough size

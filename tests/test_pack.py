@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from builder.config import QuantConfig
-from builder.pack import PREAMBLE, StreamCompressor, build_artifact, minify, runtime_sources, write_atomic
-from builder.quantize import Choice, Quantizer
+from builder.artifact.pack import PREAMBLE, StreamCompressor, build_artifact, minify, runtime_sources, write_atomic
+from builder.quant.quantize import Choice, Quantizer
 from runtime.artifact import Artifact
 from runtime.codec import decode_state, decode_streams
 from runtime.errors import PgError
@@ -130,7 +130,7 @@ def test_a_row_order_that_is_no_permutation_is_corrupt(quantized):
 
 
 def test_the_trained_artifact_evaluates_identically_after_repacking_with_rans(artifact):
-    from builder.quantize import Encoded
+    from builder.quant.quantize import Encoded
     art = Artifact(artifact).verify()
     manifest, before = art.manifest, decode_state(art.manifest, art.read)
     streams = decode_streams(manifest, art.read)

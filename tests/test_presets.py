@@ -7,9 +7,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from builder import cli
+from builder.commands import main as cli
 from builder.config import PRESETS, apply_overrides, get_preset
-from builder.train import Context, train
+from builder.train.trainer import Context, train
 from runtime.data import find_data
 
 SHRINK = ["model.model_dim=128", "model.num_heads=2", "model.num_kv_heads=1", "model.vocab_size=1024",

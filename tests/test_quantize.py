@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from builder.budget import measured_bytes
+from builder.artifact.budget import measured_bytes
 from builder.config import QuantConfig
-from builder.quantize import Choice, Quantizer, encode_matrix, gptq, hessian_error, matrix_group, sdclip_scales
+from builder.quant.quantize import Choice, Quantizer, encode_matrix, gptq, hessian_error, matrix_group, sdclip_scales
 from runtime.errors import PgError
 
 

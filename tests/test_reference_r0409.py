@@ -1,7 +1,7 @@
 """pgbuild against the 2026-04-09 record's own code (../shared/reference/r0409_train_gpt.py).
 
 Both run on the CPU in fp32 at reduced shapes, on the same weights (the record's init, perturbed so
-that attention and the MLPs matter, converted by builder.importer.from_r0409) and the same
+that attention and the MLPs matter, converted by builder.train.importer.from_r0409) and the same
 validation tokens of the demo dataset. Logits, byte counts and the bpb of every evaluation mode the
 record has must agree; a record checkpoint must import, evaluate and pack through the CLI.
 """
@@ -15,8 +15,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from builder.cli import main
-from builder.importer import from_r0409
+from builder.commands.main import main
+from builder.train.importer import from_r0409
 from runtime.config import EvalConfig, ModelConfig
 from runtime.errors import PgError
 from runtime.evaluate import byte_tables, evaluate, target_bytes

@@ -1,7 +1,7 @@
 """pgbuild's `record` preset and `r0409` recipe against the 2026-04-09 record's own code.
 
 The reference script (../shared/reference/r0409_train_gpt.py, loaded by tests/oracle.py) runs at
-reduced shapes on the CPU in fp32, on the same weights (converted by builder.importer) and the
+reduced shapes on the CPU in fp32, on the same weights (converted by builder.train.importer) and the
 same batches as pgbuild: GPTQ codes and scales, calibration Hessians, Muon steps and the first
 training losses. On the CPU neither side runs the record's CUDA autocast, so both forwards are
 fp32; the reference model is therefore kept in fp32 rather than cast to bf16 as its train_model
@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from builder.config import apply_overrides, apply_recipe, get_preset
-from builder.importer import R0409_BLOCK_NAMES, from_r0409
-from builder.loader import ShuffledSequences
-from builder.optim import Muon, schedule_at
-from builder.quantize import Quantizer, collect_hessians
-from builder.train import Context, Trainer
+from builder.train.importer import R0409_BLOCK_NAMES, from_r0409
+from builder.data.loader import ShuffledSequences
+from builder.train.optim import Muon, schedule_at
+from builder.quant.quantize import Quantizer, collect_hessians
+from builder.train.trainer import Context, Trainer
 from runtime.data import find_data
 from runtime.model import GPT
 from tests.oracle import load_reference
@@ -209,7 +209,7 @@ def test_first_20_training_losses_match_the_reference(demo_data):
     theirs = [reference_step(ref, h, ref_model, optimizers, step, x, y) for step, (x, y) in enumerate(batches)]
     ours = []
     for step, batch in enumerate(batches):
-        frac = step / preset.train.iterations  # as builder.train.train computes it without a clock
+        frac = step / preset.train.iterations  # as builder.train.trainer.train computes it without a clock
         sched = schedule_at(step, frac, preset.train)
         trainer.switches(sched, frac)
         ours.append(float(trainer.step(sched, batch)) / trainer.accum)

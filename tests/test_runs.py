@@ -7,7 +7,7 @@ import os
 import pytest
 
 from builder.rundir import RunDir
-from builder.runs import betainc, compare, load_run, t_sf, welch_one_sided
+from builder.judge.runs import betainc, compare, load_run, t_sf, welch_one_sided
 from conftest import run_pgbuild
 from runtime.artifact import Artifact
 

@@ -11,14 +11,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from builder.averaging import Averages
+from builder.train.averaging import Averages
 from builder.config import QuantConfig, TrainConfig, apply_overrides, get_preset
-from builder.loader import ShuffledSequences
-from builder.qat import LateQAT, fake_quantize
-from builder.quantize import encode_matrix
+from builder.data.loader import ShuffledSequences
+from builder.train.qat import LateQAT, fake_quantize
+from builder.quant.quantize import encode_matrix
 from builder.timebudget import describe, estimate_post_training, timing_summary
-from builder.train import Context, train
-from builder import cli
+from builder.train.trainer import Context, train
+from builder.commands import main as cli
 from conftest import ROOT
 from runtime.config import ModelConfig
 from runtime.data import find_data
@@ -87,7 +87,7 @@ def test_loader_slices_one_global_batch_across_ranks(demo_data):
 
 
 def test_loader_draws_without_replacement_within_an_epoch(tmp_path):
-    from builder.dataset import write_shard
+    from builder.data.build import write_shard
 
     write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(1000) % 60000)
     loader = ShuffledSequences([str(tmp_path / "fineweb_train_000000.bin")], 10, seed=1)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from builder.config import QuantConfig
-from builder.pack import StreamCompressor, build_artifact, build_streams
-from builder.quantize import encode_matrix, encode_passthrough, hessian_error
-from builder.transforms import (add_lqer, awq_column_scales, encode_awq, encode_hadamard, encode_int8_per_tensor,
+from builder.artifact.pack import StreamCompressor, build_artifact, build_streams
+from builder.quant.quantize import encode_matrix, encode_passthrough, hessian_error
+from builder.quant.transforms import (add_lqer, awq_column_scales, encode_awq, encode_hadamard, encode_int8_per_tensor,
                                 encode_int8_rows, lqer_targets, rotation_block)
 from runtime.artifact import Artifact
 from runtime.codec import decode_state, decode_tensor, hadamard

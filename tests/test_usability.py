@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from click.testing import CliRunner
 
-from builder import cli
+from builder.commands import main as cli
 from builder.timebudget import describe
 from conftest import ROOT, run_artifact
 from runtime.baselines import baselines, unigram_bits

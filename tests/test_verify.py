@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from builder.pack import PREAMBLE, ZIP_EPOCH, bootstrap_source, write_atomic
-from builder.verify import is_padding, render, verify_artifact
+from builder.artifact.pack import PREAMBLE, ZIP_EPOCH, bootstrap_source, write_atomic
+from builder.judge.verify import is_padding, render, verify_artifact
 from conftest import run_pgbuild
 from runtime.artifact import BOOTSTRAP, MANIFEST, Artifact
 from runtime.codec import LZMA_FILTERS

@@ -12,11 +12,11 @@ from rich.table import Table
 
 from builder.config import PRESETS, RECIPES, SECTIONS, Preset, apply_overrides, apply_recipe, field_docs, \
     get_preset, load_toml
-from builder.audit import audit, report_console
-from builder.cli_data import data
-from builder.runs import record, runs
-from builder.threads import threads_option
-from builder.verify import verify
+from builder.artifact.audit import audit, report_console
+from builder.commands.data import data
+from builder.judge.runs import record, runs
+from builder.commands.threads import threads_option
+from builder.judge.verify import verify
 from runtime.errors import PgError
 from runtime.evaluate import MODES
 
@@ -116,7 +116,7 @@ def _check_tokenizer(layout, preset):
 def _train(preset, data, run=None, checkpoint=None, resume=None):
     """Train; `run` (a RunDir) gets the config, log and loss plot, `checkpoint` (a path) the
     resumable state every train.checkpoint_every steps and at the end."""
-    from builder.train import setup_context, train
+    from builder.train.trainer import setup_context, train
 
     ctx = setup_context(preset.train.require_cuda)
     layout = _data_layout(data, preset)
@@ -253,7 +253,7 @@ def train(preset, config_file, assignments, nproc_per_node, nnodes, rdzv_endpoin
 def quantize(checkpoint, data, out, budget_bytes, assignments, eval_tokens, eval_modes, recipe, report, as_json):
     """Quantize a checkpoint, fit the budget and write the artifact, without retraining."""
     from builder.pipeline import load_checkpoint, quantize_and_pack
-    from builder.train import setup_context
+    from builder.train.trainer import setup_context
 
     ctx = setup_context()
     model, preset, prov = load_checkpoint(checkpoint, ctx.device)
@@ -295,7 +295,7 @@ def eval_checkpoint(checkpoint, data, mode, max_val_tokens, as_json):
 
     from builder.pipeline import load_checkpoint, val_stream
     from builder.progress import scoring_progress
-    from builder.train import setup_context
+    from builder.train.trainer import setup_context
     from runtime.baselines import baselines, describe
     from runtime.evaluate import byte_tables, evaluate
 
@@ -323,7 +323,7 @@ def eval_checkpoint(checkpoint, data, mode, max_val_tokens, as_json):
 def import_checkpoint(checkpoint, fmt, out, preset, config_file, assignments):
     """Turn another training script's weights into a pgbuild checkpoint (for eval and quantize);
     the preset (+ --config, --set) gives the shapes, which must match the file's exactly."""
-    from builder.importer import import_r0409
+    from builder.train.importer import import_r0409
     from builder.pipeline import save_checkpoint
 
     preset = resolve_preset(preset, config_file, assignments)

@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from builder.quantize import Encoded, encode_matrix, hessian_error
+from builder.quant.quantize import Encoded, encode_matrix, hessian_error
 from runtime.codec import hadamard
 
 MAX_ROTATION_BLOCK = 512

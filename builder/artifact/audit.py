@@ -29,8 +29,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from builder.canonical import code_report, submission_check
-from builder.quantize import matrix_group
+from builder.artifact.canonical import code_report, submission_check
+from builder.quant.quantize import matrix_group
 from runtime.artifact import BOOTSTRAP, MANIFEST, Artifact
 from runtime.codec import decode_streams, decompress
 from runtime.errors import PgError

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from builder.loader import ShuffledSequences
+from builder.data.loader import ShuffledSequences
 from runtime.codec import decode_tensor
 from runtime.evaluate import autocast
 from runtime.errors import PgError
@@ -389,7 +389,7 @@ class Quantizer:
         k = recipe_bits_and_k(name, self.qcfg)[1] * choice.k_mult
         if choice.transform is None:
             return encode_matrix(name, w, h, choice.bits, k, self.qcfg)
-        from builder import transforms
+        from builder.quant import transforms
         if choice.transform == "hadamard":
             return transforms.encode_hadamard(name, w, h, choice.bits, k, self.qcfg)
         if choice.transform == "awq":
@@ -400,7 +400,7 @@ class Quantizer:
         t = self.state[name]
         if not self.qcfg.control_int8:
             return encode_passthrough(name, t)
-        from builder import transforms
+        from builder.quant import transforms
         if t.ndim == 2 and min(t.shape) > 1:
             return transforms.encode_int8_rows(name, t)
         return transforms.encode_int8_per_tensor(name, t)
@@ -410,7 +410,7 @@ class Quantizer:
         the recipe asks for them, go to the matrices whose encodings err most."""
         encoded = {name: self.encode(name, plan.get(name)) for name in self.state}
         if self.qcfg.lqer_rank:
-            from builder import transforms
+            from builder.quant import transforms
             worst = sorted(plan, key=lambda n: encoded[n].error, reverse=True)[:self.qcfg.lqer_top]
             for name in worst:
                 key = (name, plan[name], "lqer")

@@ -22,11 +22,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from builder.averaging import Averages
-from builder.compiling import compile_training
-from builder.loader import ShuffledSequences
-from builder.optim import Muon, apply_schedule, build_optimizers, schedule_at
-from builder.qat import LateQAT
+from builder.train.averaging import Averages
+from builder.train.compiling import compile_training
+from builder.data.loader import ShuffledSequences
+from builder.train.optim import Muon, apply_schedule, build_optimizers, schedule_at
+from builder.train.qat import LateQAT
 from runtime.errors import PgError
 from runtime.model import GPT
 

@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from builder import dataset as dataset_mod
-from builder import download as download_mod
+from builder.data import build as dataset_mod
+from builder.data import download as download_mod
 from runtime.errors import PgError
 
 STAGE_LABELS = {

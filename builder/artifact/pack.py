@@ -18,10 +18,10 @@ from importlib import resources
 from pathlib import Path
 
 import runtime
-from builder.canonical import pgbuild_version
-from builder.entropy import encode as rans_encode
-from builder.layout import RowOrders, nn_columns, reorderable
-from builder.quantize import matrix_group
+from builder.artifact.canonical import pgbuild_version
+from builder.artifact.entropy import encode as rans_encode
+from builder.artifact.layout import RowOrders, nn_columns, reorderable
+from builder.quant.quantize import matrix_group
 from runtime.artifact import BOOTSTRAP, MANIFEST
 from runtime.codec import LZMA_FILTERS, byte_shuffle
 from runtime.codec import compress as lz_compress

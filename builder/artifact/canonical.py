@@ -28,7 +28,7 @@ def pgbuild_version():
 
 def reference_code(manifest_bytes):
     """{code member: the bytes this pgbuild writes for an artifact with this manifest}."""
-    from builder.pack import PREAMBLE, bootstrap_source, runtime_stream
+    from builder.artifact.pack import PREAMBLE, bootstrap_source, runtime_stream
 
     return {"preamble": PREAMBLE, BOOTSTRAP: bootstrap_source(hashlib.sha256(manifest_bytes).hexdigest()),
             "runtime.xz": runtime_stream()}

@@ -9,7 +9,7 @@ quant.prune_to_fit, zeroing the cheapest ±1 codes is tried first at every step 
 
 import numpy as np
 
-from builder.quantize import prune_count
+from builder.quant.quantize import prune_count
 from runtime.errors import PgError
 
 

@@ -50,9 +50,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from builder.audit import open_verified
+from builder.artifact.audit import open_verified
 from builder.progress import scoring_progress
-from builder.threads import threads_option
+from builder.commands.threads import threads_option
 from runtime.baselines import baselines, describe as describe_baselines
 from runtime.codec import LZMA_FILTERS
 from runtime.errors import PgError

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from builder.quantize import is_quantized, matrix_group, recipe_bits_and_k, sdclip_scales
+from builder.quant.quantize import is_quantized, matrix_group, recipe_bits_and_k, sdclip_scales
 
 SCALE_RULES = ("sdclip", "rowmax")
 

@@ -1,0 +1,2 @@
+"""The artifact: packing streams into one file, fitting the byte budget, the entropy coder, and
+the static audit of where the bytes go."""

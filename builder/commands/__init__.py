@@ -1,0 +1,1 @@
+"""The `pgbuild` command line: click commands that parse options, call the stages and render."""
