@@ -4,7 +4,8 @@
 
 Prints: file size, container overhead (file minus member payloads), runtime code bytes, the
 time the runtime takes to verify every member and decode the weights into its model (what
-`python artifact.py eval` does before scoring, one process on the CPU), and the weight payload against (a) the records' scheme on the same quantized codes — torch.save of the
+`python artifact.py eval` does before scoring, one process on the CPU), and the weight payload against (a) the
+records' scheme on the same quantized codes — torch.save of the
 int8 codes and fp16 scales, byte-shuffled, brotli-11 — and (b) the order-0 entropy of the symbols.
 With --streams, also every integer code stream under brotli-11 / LZMA / rans, as quantized and in
 greedy row order transposed (+ its row orders' bytes), and the rans decode time of 16 M symbols
@@ -23,8 +24,8 @@ import torch
 
 from builder.artifact.layout import RowOrders, nn_columns
 from builder.artifact.pack import compress
+from runtime.api import load_model
 from runtime.artifact import Artifact
-from runtime.cli import load_model
 from runtime.codec import decode_streams
 from runtime.rans import decode as rans_decode
 

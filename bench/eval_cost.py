@@ -11,7 +11,7 @@ with other jobs only the CPU seconds are comparable from run to run.
 - ttt: `runtime.evaluate` in mode "ttt" on the first --ttt-tokens validation tokens (trimmed to
   whole eval.seq_len sequences), one process; prints seconds and bpb (the CPU seconds include
   reading the tokenizer and the tokens).
-- hessians: `builder.quant.quantize.collect_hessians` with the preset's quant section, on 1 and on N
+- hessians: `builder.quant.calibration.collect_hessians` with the preset's quant section, on 1 and on N
   gloo processes (torch.multiprocessing, localhost); prints each run's seconds and the largest
   relative difference of the N-process Hessians from the 1-process ones.
 """
@@ -29,8 +29,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from builder.config import apply_overrides, get_preset
-from builder.quant.quantize import collect_hessians
+from builder.config import apply_overrides
+from builder.presets import get_preset
+from builder.quant.calibration import collect_hessians
 from runtime.data import find_data, load_tokens
 from runtime.evaluate import byte_tables, evaluate, trim_stream
 from runtime.model import GPT

@@ -43,13 +43,15 @@ if ROOT not in sys.path:  # run as `python bench/gpu.py` without installing the 
     sys.path.insert(0, ROOT)
 
 import runtime.model as runtime_model  # noqa: E402
-from builder.config import apply_overrides, get_preset  # noqa: E402
+from builder.config import apply_overrides  # noqa: E402
+from builder.presets import get_preset  # noqa: E402
 from builder.train.optim import schedule_at  # noqa: E402
 from builder.train.trainer import Trainer, setup_context  # noqa: E402
 from runtime.data import find_data, load_tokens  # noqa: E402
 from runtime.errors import PgError  # noqa: E402
 from runtime.evaluate import byte_tables, evaluate, trim_stream  # noqa: E402
 from runtime.model import GPT  # noqa: E402
+from runtime.precision import autocast  # noqa: E402
 
 # The 2026-04-09 record's train log on 8xH100: ~7.7 M tok/s before depth recurrence, ~6.1 M after.
 RECORD_TOKENS_PER_GPU = {False: 7.7e6 / 8, True: 6.1e6 / 8}
@@ -275,10 +277,6 @@ def raise_recompile_limit():
     for name in ("recompile_limit", "cache_size_limit"):  # the newer name, and the older one
         if hasattr(config, name):
             setattr(config, name, max(getattr(config, name), 64))
-
-
-def autocast(device):
-    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
 
 
 class RecordScorer:
@@ -511,7 +509,8 @@ def bench_checks(report, model, tokens, cfg, device, use_compile):
     if use_compile:
         report.attempt("check", "compiled vs eager", lambda: check_compiled(report, model, x, y, device, where))
     else:
-        report.add("check", "compiled vs eager", "skipped", None, "compilation off (CPU default; --compile on forces it)")
+        report.add("check", "compiled vs eager", "skipped", None,
+                   "compilation off (CPU default; --compile on forces it)")
 
 
 # ----------------------------------------------------------------------------- main
@@ -568,7 +567,8 @@ def run(args, report):
     tables, bytes_note = load_tables(layout.tokenizer, vocab)
     tokens = trim_stream(load_tokens(layout, "val", args.eval_tokens + 1), preset.eval.seq_len)
     if int(tokens.max()) >= vocab:
-        raise PgError(f"validation shards hold token id {int(tokens.max())} >= vocab {vocab}; wrong dataset for this preset")
+        raise PgError(f"validation shards hold token id {int(tokens.max())} >= vocab {vocab}; "
+                      "wrong dataset for this preset")
     use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     raise_recompile_limit()
     name = device_name(device)

@@ -7,7 +7,8 @@ The `r0409` row packs the record's recipe at its natural size S. Every other row
 widths by rate-distortion (quant.allocation=rd) for the budget S, so all rows cost the same bytes;
 the `rd` row isolates the allocator, the others add one technique to it (rows in BUDGET_SCALE get
 a fraction of S instead). The gap is the packed artifact's standard bpb minus the unquantized
-model's, both scored by the runtime's evaluator on the same validation tokens. Hessians come from training batches once and are shared by all rows.
+model's, both scored by the runtime's evaluator on the same validation tokens. Hessians come from
+training batches once and are shared by all rows.
 """
 
 import argparse
@@ -21,14 +22,17 @@ import sentencepiece as spm
 import torch
 
 from builder.artifact.budget import allocate, fit_budget
-from builder.config import RECIPES, apply_overrides, apply_recipe
 from builder.artifact.pack import StreamCompressor, build_artifact
-from builder.pipeline import file_sha256, load_checkpoint, val_stream
-from builder.quant.quantize import LossProbe, Quantizer, collect_hessians
+from builder.config import apply_overrides
+from builder.pipeline import load_checkpoint, val_stream
+from builder.presets import RECIPES, apply_recipe
+from builder.quant.calibration import LossProbe, collect_hessians
+from builder.quant.policy import Quantizer
+from runtime.api import load_model
 from runtime.artifact import Artifact
-from runtime.cli import load_model
 from runtime.data import find_data
 from runtime.evaluate import byte_tables, evaluate
+from runtime.files import file_sha256
 
 CLIP_SEARCH = RECIPES["best"]["clip_search"]
 PRUNE_FRACTIONS = (0.1, 0.25, 0.5)
@@ -90,8 +94,8 @@ def main():
     prequant = evaluate(copy.deepcopy(model), tokens, tables, base.eval, "standard", device).val_bpb
     hessians = collect_hessians(model, layout, base.quant, base.train.seq_len, device, base.train.seed)
     probe = LossProbe(model, layout, base.train.seq_len, base.quant.probe_tokens, device, base.train.seed)
-    info = {"model": base.model.to_dict(), "eval": base.eval.to_dict(), "tokenizer_sha256": file_sha256(layout.tokenizer),
-            "recipe": {}, "provenance": {}, "metrics": {}}
+    info = {"model": base.model.to_dict(), "eval": base.eval.to_dict(),
+            "tokenizer_sha256": file_sha256(layout.tokenizer), "recipe": {}, "provenance": {}, "metrics": {}}
     rows = [r.strip() for r in args.rows.split(",")] if args.rows else list(ROWS)
     results, budget = [], None
     print(f"unquantized standard bpb {prequant:.5f} on {len(tokens) - 1:,} tokens")

@@ -47,14 +47,15 @@ for path in (ROOT, BENCH):  # run as `python bench/race.py` without installing t
     if path not in sys.path:
         sys.path.insert(0, path)
 
-from builder.config import apply_overrides, get_preset  # noqa: E402
+from gpu import Interrupted, device_name, peak_tflops, raise_recompile_limit, train_flops_per_token, write_json  # noqa: E402
+from reference import load_reference_module, reference_path  # noqa: E402
+
+from builder.config import apply_overrides  # noqa: E402
 from builder.data.build import write_shard  # noqa: E402
-from gpu import (Interrupted, device_name, peak_tflops, raise_recompile_limit, train_flops_per_token,  # noqa: E402
-                 write_json)
+from builder.presets import get_preset  # noqa: E402
 from runtime.data import find_data, load_tokens  # noqa: E402
 from runtime.errors import PgError  # noqa: E402
 from runtime.evaluate import byte_tables, evaluate, trim_stream  # noqa: E402
-from reference import load_reference_module, reference_path  # noqa: E402
 
 SIDES = ("reference", "pgbuild")
 GOALS = {"tokens_per_second": (">=", 1.05), "bpb": ("<=", 0.99), "eval_seconds": ("<=", 0.7)}
@@ -230,8 +231,9 @@ RECURRENCE_ON = re.compile(r"step (\d+): depth recurrence on")
 
 
 def run_pgbuild(args, preset, device, result):
-    from builder.train.trainer import setup_context, train
     import sentencepiece as spm
+
+    from builder.train.trainer import setup_context, train
 
     ctx = setup_context(require_cuda=preset.train.require_cuda)
     layout = find_data(args.race_data, preset.model.vocab_size)

@@ -8,58 +8,33 @@ the wallclock limit went (builder/timebudget.py).
 """
 
 import copy
-import datetime
-import hashlib
 import io
 import pickle
-import platform
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from builder.artifact.budget import allocate, fit_budget, measured_bytes
+from builder.artifact.pack import StreamCompressor, build_artifact
 from builder.config import Preset
-from builder.artifact.pack import StreamCompressor, build_artifact, write_atomic
 from builder.progress import scoring_progress
-from builder.quant.quantize import LossProbe, Quantizer, collect_hessians
+from builder.quant.calibration import LossProbe, collect_hessians
+from builder.quant.policy import Quantizer
 from builder.timebudget import Stopwatch, describe, stop_rule, timing_summary
+from runtime.api import load_model
 from runtime.artifact import Artifact
 from runtime.baselines import baselines
-from runtime.cli import load_model
 from runtime.data import load_tokens
+from runtime.distributed import Ranks
 from runtime.errors import PgError
 from runtime.evaluate import byte_tables, evaluate, trim_stream
+from runtime.files import file_sha256, write_atomic
 from runtime.model import GPT
 
 METRICS_RESERVE_BYTES = 1024
 """Room kept under the budget for the build-time figures, which are written into the manifest
 after the weights are fixed."""
-
-
-def file_sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def provenance(preset, result, world):
-    return {"pgbuild_commit": git_commit(), "seed": preset.train.seed, "steps": result.steps,
-            "train_seconds": round(result.seconds, 1), "world_size": world, "train_shards": result.shards,
-            "weights": result.weights, "reserve_seconds": round(result.reserve_seconds, 1),
-            "setup_seconds": round(result.setup_seconds, 1), "compilations": result.compilations,
-            "torch": str(torch.__version__), "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def save_checkpoint(path, model, preset, prov, training=None):
@@ -71,7 +46,7 @@ def save_checkpoint(path, model, preset, prov, training=None):
         ckpt["training"] = training
     buf = io.BytesIO()
     torch.save(ckpt, buf)
-    write_atomic(path, buf.getvalue())
+    write_atomic(path, buf.getvalue(), "checkpoint")
 
 
 def load_training_state(path):
@@ -110,7 +85,7 @@ def measure(model, blob, layout, preset, device, tokens, modes, track=None):
     tables = byte_tables(spm.SentencePieceProcessor(model_file=layout.tokenizer), preset.model.vocab_size)
     figures = {"eval_tokens": int(len(tokens) - 1)}
     figures.update({k: round(v, 5) for k, v in baselines(tokens, tables, preset.model.vocab_size).items()})
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = Ranks().world
     hook = (lambda label: track(label, figures["eval_tokens"] // world)) if track else (lambda label: None)
     model.looping = True
     figures["prequant_bpb"] = round(evaluate(model, tokens, tables, preset.eval, "standard", device,
@@ -133,7 +108,7 @@ def quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, eval_m
     tokens = val_stream(layout, preset, eval_tokens)  # a bad --eval-tokens fails now, not after GPTQ
     info = {"model": preset.model.to_dict(), "eval": preset.eval.to_dict(),
             "tokenizer_sha256": file_sha256(layout.tokenizer),
-            "recipe": {"method": "gptq+sdclip", **qcfg.to_dict()}, "provenance": prov, "metrics": {}}
+            "recipe": {"method": "gptq+sdclip", **qcfg.to_dict()}, "provenance": prov}
     blob = plan = None
     watch = Stopwatch(train=prov.get("train_seconds", 0.0))
     report("collecting Hessians from training batches")
@@ -147,10 +122,12 @@ def quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, eval_m
         quantizer = Quantizer(model.state_dict(), hessians, qcfg, probe)
         compressor = StreamCompressor(qcfg.codecs, qcfg.reorder_groups)
 
-        def pack(plan):
+        def pack(plan, metrics=None):
+            """The artifact for `plan`; the fit packs without figures (METRICS_RESERVE_BYTES keeps
+            room for them), the final pack with the figures measured on the fitted weights."""
             encoded = quantizer.encode_all(plan)
             with watch("compress"):
-                return build_artifact(encoded, info, compressor)
+                return build_artifact(encoded, {**info, "metrics": metrics or {}}, compressor)
 
         report("quantizing (GPTQ + SDClip) and packing")
         fit = allocate if qcfg.allocation == "rd" else fit_budget
@@ -162,18 +139,18 @@ def quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, eval_m
         blob = shared[0]
     report("measuring bpb at build time")
     with watch("eval"), scoring_progress(show_progress and ctx.is_main) as track:
-        info["metrics"] = measure(model, blob, layout, preset, ctx.device, tokens, eval_modes, track)
+        metrics = measure(model, blob, layout, preset, ctx.device, tokens, eval_modes, track)
     if not ctx.is_main:
         return None
-    blob = pack(plan)
+    blob = pack(plan, metrics)
     report(describe(watch.seconds, preset.train.max_wallclock_seconds, prov.get("steps"), preset.train.iterations))
     tensors = tensor_report(quantizer, plan)
     if len(blob) > qcfg.budget_bytes:
         raise PgError(f"packed artifact is {len(blob):,} bytes, over the {qcfg.budget_bytes:,}-byte budget")
-    write_atomic(out, blob)
+    write_atomic(out, blob, "artifact", mode=0o755)
     return {"path": str(out), "bytes": len(blob), "budget_bytes": qcfg.budget_bytes,
             "headroom": qcfg.budget_bytes - len(blob), "bits": {n: c.bits for n, c in plan.items()},
-            "tensors": tensors, **info["metrics"], **timing_summary(watch.seconds, preset.train.max_wallclock_seconds),
+            "tensors": tensors, **metrics, **timing_summary(watch.seconds, preset.train.max_wallclock_seconds),
             "stopped_by": stop_rule(prov.get("steps"), preset.train.iterations),
             **{k: v for k, v in prov.items() if k != "train_seconds" and not isinstance(v, (list, dict))}}
 

@@ -33,19 +33,9 @@ import json
 import os
 
 from runtime.errors import PgError
+from runtime.files import atomic_path, write_atomic
 
 CONFIG, LOG, PLOT, CHECKPOINT, SUMMARY = "config.json", "train_log.jsonl", "loss.png", "checkpoint.pt", "summary.json"
-
-
-def _write(path, data):
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def flat_summary(summary, **extra):
@@ -65,14 +55,14 @@ class RunDir:
         return os.path.join(self.path, name)
 
     def write_config(self, preset):
-        _write(self.file(CONFIG), (json.dumps(preset.to_dict(), indent=1) + "\n").encode())
+        write_atomic(self.file(CONFIG), (json.dumps(preset.to_dict(), indent=1) + "\n").encode())
 
     def write_log(self, entries):
-        _write(self.file(LOG), "".join(json.dumps(e) + "\n" for e in entries).encode())
+        write_atomic(self.file(LOG), "".join(json.dumps(e) + "\n" for e in entries).encode())
 
     def write_summary(self, summary, preset_name):
         flat = flat_summary(summary, preset=preset_name, run_dir=self.path)
-        _write(self.file(SUMMARY), (json.dumps(flat, indent=1) + "\n").encode())
+        write_atomic(self.file(SUMMARY), (json.dumps(flat, indent=1) + "\n").encode())
         return flat
 
     def write_loss_plot(self, entries):
@@ -106,11 +96,6 @@ class RunDir:
                         va="top", ha="right", fontsize=8, color="#666666")
         fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)  # clear of the title
         ax.set_title(os.path.basename(self.path))
-        tmp = f"{self.file(PLOT)}.tmp{os.getpid()}.png"
-        try:
+        with atomic_path(self.file(PLOT), "loss plot") as tmp:
             fig.savefig(tmp, format="png", dpi=100)
-            os.replace(tmp, self.file(PLOT))
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
         return True

@@ -19,7 +19,8 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
-import torch.distributed as dist
+
+from runtime.distributed import Ranks
 
 IN_LIMIT = ("train", "hessians", "gptq", "compress")
 """Stages that count against max_wallclock_seconds, in pipeline order."""
@@ -92,11 +93,12 @@ def estimate_post_training(model, layout, preset, device):
     """{'hessians', 'gptq', 'compress'}: estimated seconds of each stage for this model."""
     from builder.artifact.budget import measured_bytes
     from builder.artifact.pack import StreamCompressor, runtime_stream
-    from builder.quant.quantize import Quantizer, collect_hessians
+    from builder.quant.calibration import collect_hessians
+    from builder.quant.policy import Quantizer
 
     qcfg, tcfg = preset.quant, preset.train
     # Under DDP every rank forwards 1/world of each calibration batch: time rank 0's share.
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    world = Ranks().world
     one_batch = replace(qcfg, calibration_batches=1, calibration_batch_tokens=qcfg.calibration_batch_tokens // world)
     looping, training = model.looping, model.training
     model.looping = True  # the exported model always loops

@@ -13,6 +13,8 @@ import zlib  # zlib.error: what a damaged deflated member raises
 
 from .errors import PgError
 
+BUDGET_BYTES = 16_000_000
+"""The challenge's cap on an artifact: code plus compressed model, in bytes (decimal MB)."""
 BOOTSTRAP = "__main__.py"
 MANIFEST = "manifest.json"
 MANIFEST_DIGEST = re.compile(rb"MANIFEST_SHA256 = ['\"]([0-9a-f]{64})")
@@ -36,7 +38,8 @@ class Artifact:
         names = set(self.zip.namelist())
         listed = set(self.manifest["members"]) | {BOOTSTRAP, MANIFEST}
         if names != listed:
-            raise PgError(f"{path}: members {sorted(names ^ listed)} do not match the manifest; the artifact was modified")
+            raise PgError(f"{path}: members {sorted(names ^ listed)} do not match the manifest; "
+                          "the artifact was modified")
 
     def read(self, name):
         """A member's bytes, after checking its SHA-256 against the manifest."""

@@ -9,11 +9,11 @@ of a decompressed stream:
 - enc "int8t": int8 codes times one fp32 scale, the entry's "tensor_scale" (small control tensors).
 - enc "fp16": the values themselves.
 
-Two optional fields say how intB codes are laid out (builder/layout.py chooses, by bytes):
+Two optional fields say how intB codes are laid out (builder/artifact/layout.py chooses, by bytes):
 "transposed" (1) stores them column-major; "row_order" refers to uint16 row indices, stored row i
 being the matrix's row order[i]. Both are undone before the row scales apply.
 
-Optional fields transform the decoded matrix, in this order (builder/transforms.py writes them):
+Optional fields transform the decoded matrix, in this order (builder/quant/transforms.py writes them):
 "col_scale" (fp16 per column) divides each column, undoing an activation-aware column scaling;
 "rotate" (block size) multiplies by the block-diagonal orthonormal Hadamard matrix, which is its
 own inverse; "lqer_a"/"lqer_b" add a low-rank correction A @ B, with A int2 codes times the fp32
@@ -40,7 +40,7 @@ LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 
 
 def compress(codec, data):
-    """brotli or LZMA; the rans encoder lives in builder/entropy.py, since only its decoder ships."""
+    """brotli or LZMA; the rans encoder lives in builder/artifact/entropy.py, since only its decoder ships."""
     if codec == "lzma":
         return lzma.compress(data, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
     if codec == "brotli":

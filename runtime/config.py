@@ -9,6 +9,10 @@ from dataclasses import asdict, dataclass, fields
 
 from .errors import PgError
 
+MODES = ("standard", "sliding", "ttt", "lora")
+"""The evaluation modes, in the order the build measures and reports them (kept here, free of torch,
+so the artifact's `info` and argument parsing never import it)."""
+
 
 class ConfigBase:
     """Dict round-trips for the frozen config dataclasses."""

@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .evaluate import autocast, train_on_positions
+from .precision import autocast
+from .ttt import cosine_lr, train_on_positions
 
 
 class LoRA(nn.Module):
@@ -188,9 +189,8 @@ def train_base(model, tokens, end, cfg, ranks, device, on_train=None):
     chunk = cfg.ttt_chunk_tokens
     num_chunks = math.ceil(end / chunk)
     for c in range(num_chunks):
-        lr = cfg.lora_phase_lr * 0.5 * (1 + math.cos(math.pi * c / max(num_chunks - 1, 1)))
-        train_on_positions(model, optimizer, tokens, c * chunk, min((c + 1) * chunk, end), cfg, lr, 1, ranks,
-                           device, on_train)
+        train_on_positions(model, optimizer, tokens, c * chunk, min((c + 1) * chunk, end), cfg,
+                           cosine_lr(cfg.lora_phase_lr, c, num_chunks), 1, ranks, device, on_train)
     for p in params:
         p.requires_grad_(False)
 

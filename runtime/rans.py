@@ -2,7 +2,7 @@
 
 The weight streams hold int8 codes whose symbols are close to independent, so a coder that spends
 exactly the model's -log2 p per symbol beats the LZ codecs, which pay for matches that rarely
-exist. builder/entropy.py is the encoder; this module is the only part that ships.
+exist. builder/artifact/entropy.py is the encoder; this module is the only part that ships.
 
 Layout (little-endian): u32 symbol count N, u16 lanes K, u8 contexts C, then C frequency tables,
 K u32 final lane states, and the u16 renormalization words. A table is a 256-bit presence bitmap

@@ -70,8 +70,8 @@ def fixture_model(artifact, demo_data):
     evaluation tests score with. Tests that adapt the model must deep-copy it."""
     import torch
 
+    from runtime.api import load_model, load_tokenizer
     from runtime.artifact import Artifact
-    from runtime.cli import load_model, load_tokenizer
     from runtime.data import find_data
     from runtime.evaluate import byte_tables
 

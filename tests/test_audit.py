@@ -19,11 +19,12 @@ import zipimport
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-from builder.artifact.audit import GROUPS, ROLES, audit, audit_report, entropy_bytes, split_proportionally, tensor_group, Ref
-from builder.artifact.pack import PREAMBLE, ZIP_EPOCH, StreamCompressor, build_artifact
-from builder.quant.quantize import Encoded
 from conftest import run_pgbuild
+
+from builder.artifact.audit import GROUPS, ROLES, Ref, audit_report, entropy_bytes, split_proportionally, tensor_group
+from builder.artifact.pack import PREAMBLE, ZIP_EPOCH, StreamCompressor, build_artifact
+from builder.commands.audit import audit
+from builder.quant.primitives import Encoded
 from runtime.artifact import BOOTSTRAP, MANIFEST
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -49,9 +50,12 @@ def small_tensors():
     tensors = [_int_tensor(rng, "tok_emb.weight", (256, 64), 8), _fp16_tensor(rng, "skip_weights", (1, 64))]
     for layer in range(2):
         p = f"blocks.{layer}."
-        tensors += [_int_tensor(rng, p + "attn.q.weight", (64, 64), 6), _int_tensor(rng, p + "attn.k.weight", (32, 64), 6),
-                    _int_tensor(rng, p + "attn.v.weight", (32, 64), 6), _int_tensor(rng, p + "attn.out.weight", (64, 64), 6),
-                    _int_tensor(rng, p + "mlp.fc.weight", (256, 64), 5), _int_tensor(rng, p + "mlp.proj.weight", (64, 256), 5),
+        tensors += [_int_tensor(rng, p + "attn.q.weight", (64, 64), 6),
+                    _int_tensor(rng, p + "attn.k.weight", (32, 64), 6),
+                    _int_tensor(rng, p + "attn.v.weight", (32, 64), 6),
+                    _int_tensor(rng, p + "attn.out.weight", (64, 64), 6),
+                    _int_tensor(rng, p + "mlp.fc.weight", (256, 64), 5),
+                    _int_tensor(rng, p + "mlp.proj.weight", (64, 256), 5),
                     _fp16_tensor(rng, p + "attn_scale", (64,)), _fp16_tensor(rng, p + "attn.q_gain", (4,))]
     return tensors
 
@@ -107,12 +111,19 @@ def rezip(src, dst, replace):
 def test_sections_sum_exactly_to_the_file_size(which, request):
     path = request.getfixturevalue(which)
     report = audit_json(path)
-    size = os.path.getsize(path)
+    size = len(path.read_bytes())
+    # Each role's bytes from zipfile's own view of the archive: members' stored sizes by name, and
+    # everything else (preamble, local headers, directory) is the container.
+    with zipfile.ZipFile(path) as zf:
+        stored = {i.filename: i.compress_size for i in zf.infolist()}
+    weights = sum(n for name, n in stored.items() if name.startswith("w/"))
+    expected = {"container": size - sum(stored.values()), "code": stored[BOOTSTRAP] + stored["runtime.xz"],
+                "manifest": stored[MANIFEST], "weights": weights}
     assert report["total_bytes"] == size
-    assert sum(s["bytes"] for s in report["sections"]) == size
-    assert sum(report["by_role"].values()) == size
+    assert report["by_role"] == expected and all(v > 0 for v in expected.values())
+    for role, role_bytes in expected.items():
+        assert sum(s["bytes"] for s in report["sections"] if s["role"] == role) == role_bytes, role
     assert report["headroom"] == 16_000_000 - size and report["budget_bytes"] == 16_000_000
-    assert set(report["by_role"]) == set(ROLES) and all(v > 0 for v in report["by_role"].values())
 
 
 def test_sections_match_the_zip_layout(artifact):
@@ -391,7 +402,8 @@ def test_tensor_groups():
     assert tensor_group("tok_emb.weight") == tensor_group("lm_head.weight") == "embeddings"
     assert tensor_group("blocks.3.attn.k.weight") == "attention"
     assert tensor_group("blocks.0.mlp.proj.weight") == "mlp"
-    assert tensor_group("blocks.0.resid_mix") == tensor_group("skip_gates") == tensor_group("blocks.1.attn.q_gain") == "control"
+    assert (tensor_group("blocks.0.resid_mix") == tensor_group("skip_gates") == tensor_group("blocks.1.attn.q_gain")
+            == "control")
 
 
 # ----------------------------------------------------------------------------- integrity and origin

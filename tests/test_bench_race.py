@@ -5,10 +5,10 @@ import json
 import math
 
 import pytest
-
-from builder.config import get_preset
 from conftest import load_bench_script, run_bench_script
 from oracle import REFERENCE, load_reference
+
+from builder.presets import get_preset
 
 LOG = REFERENCE / "r0409_train_seed42.log"
 needs_reference = pytest.mark.skipif(not (REFERENCE / "r0409_train_gpt.py").exists(),

@@ -1,4 +1,4 @@
-"""builder/budget.py and the train -> quantize commands: the artifact always fits the budget."""
+"""builder/artifact/budget.py and the train -> quantize commands: the artifact always fits the budget."""
 
 import json
 import os
@@ -6,12 +6,13 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import run_pgbuild
 
 from builder.artifact.budget import _global_prune_order, _with_pruned, allocate, fit_budget, prune_to_fit
-from builder.config import QuantConfig
 from builder.artifact.pack import StreamCompressor, build_artifact
-from builder.quant.quantize import Quantizer, prune_count
-from conftest import run_pgbuild
+from builder.config import QuantConfig
+from builder.quant.policy import Quantizer
+from builder.quant.primitives import prune_count
 from runtime.errors import PgError
 
 INFO = {"model": {}, "eval": {}, "tokenizer_sha256": "0" * 64, "recipe": {}, "provenance": {}, "metrics": {}}
@@ -64,7 +65,8 @@ def test_unreadable_checkpoint(tmp_path, demo_data):
 
 
 def test_rate_distortion_allocation_fills_the_budget(checkpoint, demo_data, tmp_path):
-    natural = json.loads(quantize(checkpoint, demo_data, tmp_path / "r0409.py", "--recipe", "r0409").stdout.splitlines()[-1])
+    natural = json.loads(quantize(checkpoint, demo_data, tmp_path / "r0409.py", "--recipe", "r0409")
+                         .stdout.splitlines()[-1])
     budget = int(natural["bytes"] * 0.8)
     proc = quantize(checkpoint, demo_data, tmp_path / "rd.py", "--recipe", "r0409", "--set", "quant.allocation=rd",
                     "--set", "quant.clip_search=0.5,1.0", "--budget-bytes", budget)
@@ -114,7 +116,8 @@ def synthetic_quantizer(**quant):
     """Three matrices with Hessians of different column energy, and a real packer."""
     g = torch.Generator().manual_seed(0)
     state, hessians = {}, {}
-    for name, rows in (("blocks.0.attn.q.weight", 128), ("blocks.0.mlp.fc.weight", 256), ("blocks.1.mlp.fc.weight", 256)):
+    for name, rows in (("blocks.0.attn.q.weight", 128), ("blocks.0.mlp.fc.weight", 256),
+                       ("blocks.1.mlp.fc.weight", 256)):
         state[name] = torch.randn(rows, 128, generator=g)
         x = torch.randn(1024, 128, generator=g) * (torch.randn(128, generator=g)).exp()
         hessians[name] = x.T @ x / x.size(0)
@@ -125,7 +128,8 @@ def synthetic_quantizer(**quant):
 
 def zeroed_codes(quantizer, plan):
     """{name: boolean mask of the codes pruning zeroed} against the unpruned encodings."""
-    return {n: (quantizer.encode(n, c._replace(prune=0.0)).data != quantizer.encode(n, c).data) for n, c in plan.items()}
+    return {n: (quantizer.encode(n, c._replace(prune=0.0)).data != quantizer.encode(n, c).data)
+            for n, c in plan.items()}
 
 
 def test_prune_to_fit_lands_under_the_budget_without_lowering_precision():

@@ -1,4 +1,4 @@
-"""builder/quantize.collect_hessians under DDP: N gloo ranks, each forwarding its share of every
+"""builder/quant/calibration.collect_hessians under DDP: N gloo ranks, each forwarding its share of every
 calibration batch, give every rank the Hessians of one process."""
 
 import socket
@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from builder.config import get_preset
-from builder.quant.quantize import collect_hessians
+from builder.presets import get_preset
+from builder.quant.calibration import collect_hessians
 from runtime.data import find_data
 from runtime.model import GPT
 

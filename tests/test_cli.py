@@ -1,11 +1,12 @@
-"""builder/cli.py and builder/config.py: presets, overrides and one-line errors."""
+"""builder/commands/main.py and builder/config.py: presets, overrides and one-line errors."""
 
 import json
 
 import pytest
-
-from builder.config import TrainConfig, apply_overrides, field_docs, get_preset
 from conftest import run_pgbuild
+
+from builder.config import TrainConfig, apply_overrides, field_docs
+from builder.presets import get_preset
 from runtime.errors import PgError
 
 
@@ -19,9 +20,10 @@ def test_presets_json_lists_record_and_tiny():
 
 
 def test_every_config_field_is_documented():
-    from runtime.config import EvalConfig, ModelConfig
-    from builder.config import QuantConfig
     import dataclasses
+
+    from builder.config import QuantConfig
+    from runtime.config import EvalConfig, ModelConfig
     for cls in (ModelConfig, TrainConfig, QuantConfig, EvalConfig):
         assert set(field_docs(cls)) == {f.name for f in dataclasses.fields(cls)}, cls
 

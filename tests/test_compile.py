@@ -15,13 +15,16 @@ import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
-from builder.config import apply_overrides, get_preset
-from builder.pipeline import provenance
+from builder.config import apply_overrides
+from builder.presets import get_preset
+from builder.provenance import of_training
 from builder.train.trainer import Context, train
 from runtime.data import find_data, load_tokens
+from runtime.distributed import Ranks
 from runtime.errors import PgError
-from runtime.evaluate import Ranks, score_first_ttt, score_windows, sliding_windows
 from runtime.model import GPT
+from runtime.ttt import score_first_ttt
+from runtime.windows import score_windows, sliding_windows
 
 CPU = torch.device("cpu")
 RECORD_SHAPES = ["model.num_layers=4", "model.model_dim=64", "model.num_heads=2", "model.num_kv_heads=1",
@@ -60,7 +63,7 @@ def test_training_step_is_one_graph_per_recurrence_state(demo_data):
     assert [(e["looping"], e["qat"]) for e in result.log] == [(False, False), (False, False), (True, False),
                                                               (True, True)]
     assert result.compilations == 2 and not counters["graph_break"]
-    assert provenance(preset, result, 1)["compilations"] == 2  # what summary.json records
+    assert of_training(preset, result, 1)["compilations"] == 2  # what summary.json records
     assert run(record("train.compile=false", "train.iterations=1"), demo_data).compilations == 0
 
 

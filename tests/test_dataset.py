@@ -9,8 +9,8 @@ import pytest
 import sentencepiece as spm
 from click.testing import CliRunner
 
-from builder.data import build as dataset
 from builder.commands.data import data
+from builder.data import build as dataset
 from builder.data.build import build_dataset, write_shard
 from runtime.data import SHARD_MAGIC, find_data, load_tokens, read_shard
 from runtime.errors import PgError

@@ -15,8 +15,8 @@ import sentencepiece as spm
 from click.testing import CliRunner
 from huggingface_hub import hf_hub_download
 
-from builder.data import download as download_mod
 from builder.commands.data import data
+from builder.data import download as download_mod
 from builder.data.build import build_dataset
 from builder.data.download import download
 from runtime.data import find_data, load_tokens
@@ -155,7 +155,8 @@ def test_missing_file_on_hub_leaves_nothing_partial(tmp_path):
     with pytest.raises(PgError, match="cannot download datasets/datasets/fineweb10B_sp512/fineweb_train_000001.bin"):
         get(fetch, out, train_shards=2)
     ds = f"datasets/fineweb10B_sp{VOCAB}"
-    assert local_files(out) == sorted(["manifest.json", f"{ds}/fineweb_train_000000.bin", f"{ds}/fineweb_val_000000.bin"])
+    assert local_files(out) == sorted(["manifest.json", f"{ds}/fineweb_train_000000.bin",
+                                       f"{ds}/fineweb_val_000000.bin"])
 
 
 def test_cli_download(hub, tmp_path, monkeypatch):

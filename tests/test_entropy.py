@@ -1,4 +1,4 @@
-"""builder/entropy.py + runtime/rans.py: the rans codec decodes exactly what it encoded, and
+"""builder/artifact/entropy.py + runtime/rans.py: the rans codec decodes exactly what it encoded, and
 corrupt input is a one-line PgError."""
 
 import numpy as np

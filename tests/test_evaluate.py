@@ -6,11 +6,14 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-
 from conftest import nll_on_gloo_ranks
+
 from runtime.config import EvalConfig
 from runtime.data import load_tokens
-from runtime.evaluate import Ranks, evaluate, sliding_windows, target_bytes, train_on_positions, trim_stream
+from runtime.distributed import Ranks
+from runtime.evaluate import evaluate, target_bytes, trim_stream
+from runtime.ttt import train_on_positions
+from runtime.windows import sliding_windows
 
 CFG = EvalConfig(seq_len=64, stride=16, batch_seqs=8, ttt_chunk_tokens=256, ttt_epochs=1, ttt_lr=0.01,
                  ttt_batch_seqs=4)
@@ -96,7 +99,8 @@ def test_compiled_scoring_matches_eager(setup):
     """The GPU path's torch.compile (inductor on CPU here) changes speed, not scores."""
     model, tokens, tables, _ = setup
     eager = evaluate(model, tokens[:257], tables, CFG, "sliding", CPU)
-    compiled = evaluate(copy.deepcopy(model), tokens[:257], tables, dataclasses.replace(CFG, compile=True), "sliding", CPU)
+    compiled = evaluate(copy.deepcopy(model), tokens[:257], tables, dataclasses.replace(CFG, compile=True),
+                        "sliding", CPU)
     np.testing.assert_allclose(compiled.nll, eager.nll, rtol=0, atol=1e-4)
 
 

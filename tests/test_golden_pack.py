@@ -19,7 +19,6 @@ import zipfile
 
 import pytest
 import torch
-
 from conftest import ROOT, run_pgbuild
 
 GOLDEN = ROOT / "tests" / "fixtures" / "golden_pack.json"
@@ -32,7 +31,7 @@ def machine():
 
 def synthetic_checkpoint(path):
     """The tiny preset's model with seeded N(0, 0.05) weights, in `pgbuild train`'s format."""
-    from builder.config import get_preset
+    from builder.presets import get_preset
     from runtime.model import GPT
 
     preset = get_preset("tiny")

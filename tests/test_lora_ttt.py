@@ -6,8 +6,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-
 from conftest import nll_on_gloo_ranks
+
 from runtime.config import EvalConfig
 from runtime.data import load_tokens
 from runtime.evaluate import evaluate, trim_stream

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from builder.artifact.audit import tensor_group
-from builder.config import TrainConfig, apply_overrides, get_preset
+from builder.config import TrainConfig, apply_overrides
+from builder.presets import get_preset
+from builder.quant.policy import is_quantized
+from builder.quant.primitives import matrix_group
 from builder.train.optim import build_optimizers
-from builder.quant.quantize import is_quantized, matrix_group
 from runtime.config import ModelConfig
 from runtime.errors import PgError
 from runtime.model import GPT, SmearGate, bigram_hash
@@ -228,7 +230,8 @@ def test_new_parameters_are_routed_to_optimizers_quantization_and_audit():
 def test_lookup_tables_get_identity_hessians_and_projections_real_ones(demo_data):
     from dataclasses import replace
 
-    from builder.quant.quantize import Quantizer, collect_hessians
+    from builder.quant.calibration import collect_hessians
+    from builder.quant.policy import Quantizer
     from runtime.data import find_data
 
     model = tiny_model(**{**SWITCHES["all"], "vocab_size": 1024, "bigram_buckets": 512})  # tables > passthrough size

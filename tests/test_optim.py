@@ -1,11 +1,21 @@
-"""builder/optim.py: Newton-Schulz orthogonalizes, Muon's update rule, the schedules."""
+"""builder/train/optim.py: Newton-Schulz orthogonalizes, Muon's update rule, the schedules."""
 
 import pytest
 import torch
 
 from builder.config import NEWTON_SCHULZ_NAMES, TrainConfig
-from builder.train.optim import (NEWTON_SCHULZ, Muon, Schedule, apply_schedule, build_optimizers, lr_multiplier,
-                           muon_momentum, muon_wd_multiplier, newton_schulz, schedule_at)
+from builder.train.optim import (
+    NEWTON_SCHULZ,
+    Muon,
+    Schedule,
+    apply_schedule,
+    build_optimizers,
+    lr_multiplier,
+    muon_momentum,
+    muon_wd_multiplier,
+    newton_schulz,
+    schedule_at,
+)
 from runtime.config import ModelConfig
 from runtime.errors import PgError
 from runtime.model import GPT

@@ -1,4 +1,4 @@
-"""builder/pack.py: exact pack -> decode roundtrip, minified runtime, deterministic bytes."""
+"""builder/artifact/pack.py: exact pack -> decode roundtrip, minified runtime, deterministic bytes."""
 
 import ast
 import dataclasses
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from builder.artifact.pack import PREAMBLE, StreamCompressor, build_artifact, minify, runtime_sources
 from builder.config import QuantConfig
-from builder.artifact.pack import PREAMBLE, StreamCompressor, build_artifact, minify, runtime_sources, write_atomic
-from builder.quant.quantize import Choice, Quantizer
+from builder.quant.policy import Choice, Quantizer
 from runtime.artifact import Artifact
 from runtime.codec import decode_state, decode_streams
 from runtime.errors import PgError
@@ -82,14 +82,6 @@ def test_runtime_sources_are_minified_and_valid():
         assert '"""' not in code, name
 
 
-def test_write_atomic_refuses_directories(tmp_path):
-    with pytest.raises(PgError):
-        write_atomic(tmp_path, b"x")
-    write_atomic(tmp_path / "a.py", b"data")
-    assert (tmp_path / "a.py").read_bytes() == b"data"
-    assert [p.name for p in tmp_path.iterdir()] == ["a.py"]
-
-
 def test_rans_is_kept_where_smallest(quantized):
     blob = build_artifact(quantized, INFO, StreamCompressor(("brotli", "lzma", "rans")))
     artifact = Artifact(io.BytesIO(blob)).verify()
@@ -130,7 +122,7 @@ def test_a_row_order_that_is_no_permutation_is_corrupt(quantized):
 
 
 def test_the_trained_artifact_evaluates_identically_after_repacking_with_rans(artifact):
-    from builder.quant.quantize import Encoded
+    from builder.quant.primitives import Encoded
     art = Artifact(artifact).verify()
     manifest, before = art.manifest, decode_state(art.manifest, art.read)
     streams = decode_streams(manifest, art.read)
@@ -138,7 +130,8 @@ def test_the_trained_artifact_evaluates_identically_after_repacking_with_rans(ar
     for t in manifest["tensors"]:
         (i, o, n), shape = t["data"], tuple(t["shape"])
         if t["enc"] == "fp16":
-            encoded.append(Encoded(t["name"], "fp16", shape, np.frombuffer(streams[i], "<f2", n // 2, o).reshape(shape)))
+            encoded.append(Encoded(t["name"], "fp16", shape,
+                                   np.frombuffer(streams[i], "<f2", n // 2, o).reshape(shape)))
         else:
             codes = np.frombuffer(streams[i], np.int8, n, o)
             codes = codes.reshape(-1, shape[0]).T if t.get("transposed") else codes.reshape(shape[0], -1)

@@ -5,7 +5,7 @@ import dataclasses
 
 import torch
 
-from builder.config import get_preset
+from builder.presets import get_preset
 from runtime.model import GPT, Rotary
 
 
@@ -18,7 +18,7 @@ def tiny_pair():
         p.data.add_(torch.randn_like(p) * 0.05)
     record = GPT(dataclasses.replace(cfg, record_precision=True))
     record.load_state_dict(fp32.state_dict())
-    # As runtime.cli.load_model leaves it: the whole model cast to fp32, then the record's dtypes.
+    # As runtime.api.load_model leaves it: the whole model cast to fp32, then the record's dtypes.
     return fp32.eval(), record.to(dtype=torch.float32).apply_precision().eval()
 
 

@@ -8,7 +8,8 @@ import torch
 from click.testing import CliRunner
 
 from builder.commands import main as cli
-from builder.config import PRESETS, apply_overrides, get_preset
+from builder.config import apply_overrides
+from builder.presets import PRESETS, get_preset
 from builder.train.trainer import Context, train
 from runtime.data import find_data
 

@@ -1,4 +1,5 @@
-"""builder/quantize.py: GPTQ beats rounding under the Hessian metric; SDClip; the recipe table."""
+"""builder/quant/primitives.py and policy.py: GPTQ beats rounding under the Hessian metric; SDClip; the recipe
+table; pruning candidates."""
 
 import numpy as np
 import pytest
@@ -6,7 +7,8 @@ import torch
 
 from builder.artifact.budget import measured_bytes
 from builder.config import QuantConfig
-from builder.quant.quantize import Choice, Quantizer, encode_matrix, gptq, hessian_error, matrix_group, sdclip_scales
+from builder.quant.policy import Choice, Quantizer
+from builder.quant.primitives import encode_matrix, gptq, hessian_error, matrix_group, sdclip_scales
 from runtime.errors import PgError
 
 
@@ -52,7 +54,8 @@ def test_recipe_table_int8_embedding_int6_matrices_fp16_controls():
         {"tok_emb.weight": 8, "blocks.0.attn.q.weight": 6, "blocks.0.mlp.fc.weight": 6}
     encoded = {e.name: e for e in quantizer.encode_all(quantizer.default_plan())}
     assert encoded["blocks.0.attn_scale"].enc == "fp16"
-    assert encoded["blocks.0.mlp.fc.weight"].enc == "int6" and encoded["blocks.0.mlp.fc.weight"].scales.dtype == np.float16
+    assert (encoded["blocks.0.mlp.fc.weight"].enc == "int6"
+            and encoded["blocks.0.mlp.fc.weight"].scales.dtype == np.float16)
 
 
 def test_fewer_bits_fewer_bytes_more_error():

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import run_artifact, run_pgbuild
+from oracle import load_reference
 
 from builder.commands.main import main
 from builder.train.importer import from_r0409
@@ -21,8 +23,6 @@ from runtime.config import EvalConfig, ModelConfig
 from runtime.errors import PgError
 from runtime.evaluate import byte_tables, evaluate, target_bytes
 from runtime.model import GPT
-from conftest import run_artifact, run_pgbuild
-from oracle import load_reference
 
 SEQ_LEN = 128
 VAL_SEQS = 16  # scored prefix: VAL_SEQS sequences plus the final target

@@ -11,11 +11,13 @@ does (without autocast that cast would run its whole forward in bf16).
 import pytest
 import torch
 
-from builder.config import apply_overrides, apply_recipe, get_preset
-from builder.train.importer import R0409_BLOCK_NAMES, from_r0409
+from builder.config import apply_overrides
 from builder.data.loader import ShuffledSequences
+from builder.presets import apply_recipe, get_preset
+from builder.quant.calibration import collect_hessians
+from builder.quant.policy import Quantizer
+from builder.train.importer import R0409_BLOCK_NAMES, from_r0409
 from builder.train.optim import Muon, schedule_at
-from builder.quant.quantize import Quantizer, collect_hessians
 from builder.train.trainer import Context, Trainer
 from runtime.data import find_data
 from runtime.model import GPT

@@ -1,14 +1,16 @@
-"""builder/runs.py: the Welch test, `pgbuild runs compare` and `pgbuild record` on real run folders."""
+"""builder/judge (runs, stats, record): the Welch test, `pgbuild runs compare` and `pgbuild record` on
+real run folders."""
 
 import json
 import math
 import os
 
 import pytest
-
-from builder.rundir import RunDir
-from builder.judge.runs import betainc, compare, load_run, t_sf, welch_one_sided
 from conftest import run_pgbuild
+
+from builder.judge.runs import compare, load_run
+from builder.judge.stats import betainc, t_sf, welch_one_sided
+from builder.rundir import RunDir
 from runtime.artifact import Artifact
 
 BASELINE = {1: 1.0810, 2: 1.0812, 3: 1.0808}
@@ -46,7 +48,7 @@ def test_student_t_tail_matches_tables():
 
 
 def test_welch_matches_scipy():
-    stats = pytest.importorskip("scipy.stats")
+    from scipy import stats  # the [test] extra: an independent implementation, never skipped
     a, b = [1.0810, 1.0812, 1.0808, 1.0815], [1.0700, 1.0703, 1.0690]
     t, df, p = welch_one_sided(a, b)
     ref = stats.ttest_ind(a, b, equal_var=False, alternative="greater")

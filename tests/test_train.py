@@ -1,8 +1,9 @@
-"""builder/train.py and builder/loader.py: distributed equivalence, schedules, data hygiene."""
+"""builder/train/trainer.py and builder/data/loader.py: distributed equivalence, schedules, data hygiene."""
 
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,18 +11,21 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
-from builder.train.averaging import Averages
-from builder.config import QuantConfig, TrainConfig, apply_overrides, get_preset
-from builder.data.loader import ShuffledSequences
-from builder.train.qat import LateQAT, fake_quantize
-from builder.quant.quantize import encode_matrix
-from builder.timebudget import describe, estimate_post_training, timing_summary
-from builder.train.trainer import Context, train
-from builder.commands import main as cli
 from conftest import ROOT
+
+from builder.commands import main as cli
+from builder.config import QuantConfig, TrainConfig, apply_overrides
+from builder.data.loader import ShuffledSequences
+from builder.presets import get_preset
+from builder.quant.calibration import LossProbe, collect_hessians
+from builder.quant.primitives import encode_matrix
+from builder.timebudget import describe, estimate_post_training, timing_summary
+from builder.train.averaging import Averages
+from builder.train.qat import LateQAT, fake_quantize
+from builder.train.trainer import Context, micro_batches, train
 from runtime.config import ModelConfig
 from runtime.data import find_data
+from runtime.errors import PgError
 from runtime.model import GPT
 
 SHORT = ["--set", "train.iterations=3", "--set", "train.ema_decay=0", "--set", "train.micro_batch_tokens=1024"]
@@ -71,10 +75,18 @@ def test_record_preset_trains_on_cpu_with_shrunk_shapes(demo_data, tmp_path):
     assert saved["provenance"]["steps"] == 2
 
 
-def test_loader_reads_only_training_shards(demo_data):
-    layout = find_data(str(demo_data), 1024)
-    loader = ShuffledSequences(layout.shards("train"), 64, seed=0)
-    assert loader.paths and all(os.path.basename(p).startswith("fineweb_train_") for p in loader.paths)
+def test_training_and_calibration_never_read_validation_shards(demo_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    for val in data.glob("fineweb_val_*.bin"):
+        val.write_bytes(b"not a shard")  # any read of validation data now fails loudly
+    layout = find_data(str(data), 1024)
+    preset = apply_overrides(get_preset("tiny"), ["train.iterations=2", "quant.calibration_batches=2",
+                                                  "quant.calibration_batch_tokens=2048", "quant.probe_tokens=2048"])
+    device = torch.device("cpu")
+    result = train(preset, layout, Context(device), report=lambda *_: None)
+    assert collect_hessians(result.model, layout, preset.quant, preset.train.seq_len, device, 0, 0, 1)
+    LossProbe(result.model, layout, preset.train.seq_len, preset.quant.probe_tokens, device, 0)
 
 
 def test_loader_slices_one_global_batch_across_ranks(demo_data):
@@ -100,6 +112,27 @@ def test_uneven_batch_split_is_refused(demo_data, tmp_path):
                        "--set", "train.micro_batch_tokens=3000", check=False)
     assert proc.returncode == 2 and "does not split" in proc.stderr
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_ranks_share_smaller_than_a_micro_batch_is_one_micro_batch():
+    cfg = get_preset("tiny").train  # 4,096 tokens per step, micro-batches of 4,096
+    assert micro_batches(cfg, 1) == (1, 4096)
+    assert micro_batches(cfg, 2) == (1, 2048)  # the same 4,096 tokens per step
+    with pytest.raises(PgError, match="does not split into 3 rank"):
+        micro_batches(cfg, 3)
+
+
+def test_two_process_tiny_build_and_its_refusals_under_torchrun(demo_data, tmp_path):
+    out = tmp_path / "a.py"
+    proc = pgbuild("train-and-pack", "--preset", "tiny", "--nproc-per-node", 2, "--data", demo_data, "--out", out,
+                   "--set", "train.iterations=3", "--eval-tokens", 2000, "--eval-modes", "standard", "--json")
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["world_size"] == 2 and summary["steps"] == 3 and os.path.getsize(out) == summary["bytes"]
+    bad = pgbuild("train-and-pack", "--preset", "tiny", "--nproc-per-node", 2, "--data", demo_data,
+                  "--out", tmp_path / "b.py", "--set", "train.batch_tokens=4097", check=False)
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert bad.returncode == 2 and len(errors) == 1 and "does not split into 2 rank(s)" in errors[0]
+    assert "Traceback" not in bad.stderr and not (tmp_path / "b.py").exists()
 
 
 # ----------------------------------------------------------------------------- in-process runs

@@ -1,4 +1,4 @@
-"""builder/transforms.py: Hadamard rotation, AWQ column scaling, LQER and int8 control tensors,
+"""builder/quant/transforms.py: Hadamard rotation, AWQ column scaling, LQER and int8 control tensors,
 each decoded exactly by the runtime and each lowering the error it is meant to lower."""
 
 import dataclasses
@@ -8,11 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from builder.config import QuantConfig
 from builder.artifact.pack import StreamCompressor, build_artifact, build_streams
-from builder.quant.quantize import encode_matrix, encode_passthrough, hessian_error
-from builder.quant.transforms import (add_lqer, awq_column_scales, encode_awq, encode_hadamard, encode_int8_per_tensor,
-                                encode_int8_rows, lqer_targets, rotation_block)
+from builder.config import QuantConfig
+from builder.quant.primitives import encode_matrix, encode_passthrough, hessian_error
+from builder.quant.transforms import (
+    add_lqer,
+    awq_column_scales,
+    encode_awq,
+    encode_hadamard,
+    encode_int8_per_tensor,
+    encode_int8_rows,
+    rotation_block,
+)
 from runtime.artifact import Artifact
 from runtime.codec import decode_state, decode_tensor, hadamard
 from runtime.errors import PgError
@@ -42,6 +49,11 @@ def hadamard_matrix(cols, block):
 
 def codes_times_scales(e):
     return e.data.astype(np.float32) * e.scales.astype(np.float32)[:, None]
+
+
+def stored_bytes(e):
+    """Raw bytes of every array the encoding stores, before compression."""
+    return sum(array.nbytes for _, array, _ in e.payloads())
 
 
 def test_decoder_rotation_is_the_orthonormal_sylvester_hadamard():
@@ -120,7 +132,7 @@ def test_lqer_lowers_error_and_its_bytes_are_accounted():
     w, h, base = lqer_problem()
     e = add_lqer(base, w, h, rank=4, group=64)
     assert e.error < 0.9 * base.error
-    assert e.payload_bytes() - base.payload_bytes() == 96 * 4 + 4 * 160 + 2 * 4 * 3
+    assert stored_bytes(e) - stored_bytes(base) == 96 * 4 + 4 * 160 + 2 * 4 * 3
     assert e.estimated_bytes() > base.estimated_bytes()
     assert add_lqer(base, w, h, rank=8).error < e.error
     with pytest.raises(ValueError):
@@ -134,21 +146,11 @@ def test_lqer_corrects_a_rotated_encoding():
     assert e.meta["rotate"] == 128 and e.error < rotated.error
 
 
-def test_lqer_targets_rank_by_frobenius_or_hessian_error():
-    w, h = problem()
-    weights = {"a": w, "b": w * 3, "c": w}
-    encoded = [encode_matrix("a", w, h, 6, 12.85, QCFG), encode_matrix("b", w * 3, h, 6, 12.85, QCFG),
-               encode_matrix("c", w, h, 3, 4.0, QCFG), encode_int8_rows("ctl", w[:4])]
-    assert lqer_targets(encoded, weights, 1) == ["c"]
-    assert lqer_targets(encoded, weights, 2, by="hessian") == sorted(["b", "c"], key=lambda n: -next(
-        e.error for e in encoded if e.name == n))
-
-
 def test_int8_per_tensor_error_is_at_most_half_a_step():
     t = torch.randn(129) * torch.linspace(0.1, 3.0, 129)
     e = encode_int8_per_tensor("blocks.0.attn_scale", t)
     scale = e.meta["tensor_scale"]
-    assert e.enc == "int8t" and e.scales is None and e.data.dtype == np.int8 and e.payload_bytes() == 129
+    assert e.enc == "int8t" and e.scales is None and e.data.dtype == np.int8 and stored_bytes(e) == 129
     assert scale == float(np.float32(float(t.abs().max()) / 127))
     assert np.abs(e.data).max() == 127
     assert (e.dequantize() - t).abs().max() <= scale / 2 * (1 + 1e-6)
@@ -160,7 +162,7 @@ def test_int8_per_tensor_error_is_at_most_half_a_step():
 def test_int8_rows_scale_each_row_without_clipping():
     t = torch.randn(6, 50) * torch.tensor([1e-5, 0.1, 1, 3, 10, 0])[:, None]
     e = encode_int8_rows("skip_gates", t)
-    assert e.enc == "int8" and e.scales.dtype == np.float16 and e.payload_bytes() == 6 * 50 + 6 * 2
+    assert e.enc == "int8" and e.scales.dtype == np.float16 and stored_bytes(e) == 6 * 50 + 6 * 2
     s = torch.from_numpy(e.scales.astype(np.float32))
     assert (s[:5] * 127 >= t.abs().amax(dim=1)[:5]).all()
     assert ((e.dequantize() - t).abs() <= s[:, None] / 2 * (1 + 1e-6)).all()

@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import torch
 from click.testing import CliRunner
+from conftest import ROOT, run_artifact
 
 from builder.commands import main as cli
 from builder.timebudget import describe
-from conftest import ROOT, run_artifact
 from runtime.baselines import baselines, unigram_bits
 from runtime.progress import ProgressLine
 from runtime.threads import default_threads, free_cores, set_threads

@@ -1,4 +1,4 @@
-"""builder/verify.py: the artifact's own evaluation passes the legality checks, and deliberately
+"""builder/judge (pgbuild verify): the artifact's own evaluation passes the legality checks, and deliberately
 broken runtimes, packed into otherwise identical artifacts, are caught by the same checks."""
 
 import ast
@@ -12,13 +12,16 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import run_pgbuild
 from rich.console import Console
 
-from builder.artifact.pack import PREAMBLE, ZIP_EPOCH, bootstrap_source, write_atomic
-from builder.judge.verify import is_padding, render, verify_artifact
-from conftest import run_pgbuild
+from builder.artifact.pack import PREAMBLE, ZIP_EPOCH, bootstrap_source
+from builder.judge.recorder import is_padding
+from builder.judge.render import render_verify
+from builder.judge.verify import verify_artifact
 from runtime.artifact import BOOTSTRAP, MANIFEST, Artifact
 from runtime.codec import LZMA_FILTERS
+from runtime.files import write_atomic
 
 # Short enough for CPU: 4 sequences of the tiny preset's 128 tokens; TTT chunks of 128 tokens, so
 # the TTT run makes three updates, each on positions it has already scored.
@@ -89,7 +92,7 @@ def rescore(report_second_pass):
     """score_windows runs a second pass that scores every window position (shorter contexts) and
     keeps the minimum of the two NLLs (PR #573's min-over-passes)."""
     def patch(sources):
-        tree = ast.parse(sources["runtime.evaluate"])
+        tree = ast.parse(sources["runtime.windows"])
         once = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "score_windows")
         once.name = "_score_once"
         tree.body += _code(f"""
@@ -100,21 +103,21 @@ def rescore(report_second_pass):
                             device, {'on_score' if report_second_pass else 'None'})
                 torch.minimum(nll, again, out=nll)
         """)
-        sources["runtime.evaluate"] = ast.unparse(ast.fix_missing_locations(tree))
+        sources["runtime.windows"] = ast.unparse(ast.fix_missing_locations(tree))
         return sources
     return patch
 
 
 def train_before_scoring(sources):
     """Score-first TTT turned around: each chunk is trained on before its windows are scored."""
-    tree = ast.parse(sources["runtime.evaluate"])
+    tree = ast.parse(sources["runtime.ttt"])
     ttt = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "score_first_ttt")
     loop = [n for n in ttt.body if isinstance(n, ast.For)][-1]
     loop.body[:0] = _code("""
         train_on_positions(model, optimizer, tokens, c * chunk, min((c + 1) * chunk, num_positions), cfg, cfg.ttt_lr,
                            cfg.ttt_epochs, ranks, device, on_train)
     """)
-    sources["runtime.evaluate"] = ast.unparse(ast.fix_missing_locations(tree))
+    sources["runtime.ttt"] = ast.unparse(ast.fix_missing_locations(tree))
     return sources
 
 
@@ -176,7 +179,7 @@ def test_an_unnormalized_distribution_is_caught(artifact, demo_data, tmp_path):
     assert "verify standard: FAIL (C2 normalized)" in proc.stderr  # the verdict, as soon as the mode ends
     assert report["modes"]["standard"]["checks"]["normalized"]["max_implied_mass"] == pytest.approx(2.0, rel=1e-4)
     console = Console(record=True, width=200)
-    render(console, report)
+    render_verify(console, report)
     text = console.export_text()
     assert "C2 normalized" in text and "FAIL" in text and "implied mass ≤ 2" in text and "verification failed" in text
 

@@ -1,4 +1,5 @@
-"""`pgbuild audit`: where an artifact's bytes go, to the byte.
+"""Where an artifact's bytes go, to the byte: the analysis behind `pgbuild audit`, as plain dicts
+(tables in audit_render.py, the picture in audit_plot.py, the command in builder/commands/audit.py).
 
 The challenge counts `os.path.getsize(artifact.py)` against a 16,000,000-byte budget, so the report
 splits the file into sections that tile it exactly: the text preamble, the zip's local headers,
@@ -10,32 +11,26 @@ The artifact is read as data only. It is a runnable program whose `__main__.py` 
 bundled code, and a file handed to an auditor must not be trusted: nothing here imports, execs or
 zipimports it. Checksums are verified through `runtime.artifact.Artifact` (which uses `zipfile`
 only), and the zip layout is read from the raw bytes with `struct`. Checksums prove integrity, not
-origin (a file rewritten whole recomputes them): builder/canonical.py compares its code with what
-this pgbuild writes.
+origin (a file rewritten whole recomputes them): builder/artifact/canonical.py compares its code with
+what this pgbuild writes.
 """
 
 import hashlib
-import json
 import os
 import re
 import struct
-import sys
 import zipfile
 from dataclasses import dataclass
 from math import prod
 
-import click
 import numpy as np
-from rich.console import Console
-from rich.table import Table
 
 from builder.artifact.canonical import code_report, submission_check
-from builder.quant.quantize import matrix_group
-from runtime.artifact import BOOTSTRAP, MANIFEST, Artifact
+from builder.quant.primitives import matrix_group
+from runtime.artifact import BOOTSTRAP, BUDGET_BYTES, MANIFEST, Artifact
 from runtime.codec import decode_streams, decompress
 from runtime.errors import PgError
 
-DEFAULT_BUDGET = 16_000_000
 ROLES = ("container", "code", "manifest", "weights")
 GROUPS = ("embeddings", "attention", "mlp", "control")
 SPLIT_NOTE = ("proportional: each weight stream's compressed bytes are attributed to its tensors in "
@@ -261,7 +256,8 @@ def stream_sections(manifest, art, sections):
             section["shuffle"] = stream["shuffle"]
         mine = [r for r in refs if r.stream == index]
         if any(r.offset + r.nbytes > len(raw) for r in mine):
-            raise PgError(f"{art.path}: a tensor points past the end of stream {stream['name']}; the artifact is corrupt")
+            raise PgError(f"{art.path}: a tensor points past the end of stream {stream['name']}; "
+                          "the artifact is corrupt")
         params = sum(r.params for r in mine)
         section.update(
             stream=stream["name"], codec=stream["codec"], tensors=len({r.tensor for r in mine}), params=params,
@@ -342,7 +338,7 @@ def code_details(art, sections):
             s["raw_bytes"] = len(decompress("lzma", art.read("runtime.xz")))
 
 
-def audit_report(path, budget_bytes=DEFAULT_BUDGET, submission_path=None):
+def audit_report(path, budget_bytes=BUDGET_BYTES, submission_path=None):
     """The full audit of one artifact as a JSON-ready dict (see the `audit` command's help)."""
     blob, art = open_verified(path)
     try:
@@ -367,8 +363,7 @@ def audit_report(path, budget_bytes=DEFAULT_BUDGET, submission_path=None):
         "artifact": str(path), "format": manifest.get("format"), "sha256": sha256,
         "submission": submission_check(path, sha256, submission_path), "code": code,
         "total_bytes": total, "budget_bytes": budget_bytes, "headroom": budget_bytes - total,
-        "over_budget": total > budget_bytes,
-        "sections": sections, "by_role": by_role,
+        "over_budget": total > budget_bytes, "sections": sections, "by_role": by_role,
         "by_group": by_group, "by_group_split": SPLIT_NOTE, "by_layer": by_layer,
         "metrics": manifest.get("metrics", {}), "model": manifest.get("model", {}),
         "recipe": manifest.get("recipe", {}), "provenance": manifest.get("provenance", {}),
@@ -382,8 +377,8 @@ def summary_line(manifest, params):
     m, r = manifest.get("model", {}), manifest.get("recipe", {})
     model = (f"{m.get('num_layers', '?')} layers x {m.get('model_dim', '?')}, {m.get('num_heads', '?')} heads / "
              f"{m.get('num_kv_heads', '?')} KV, vocab {m.get('vocab_size', '?')}, {params:,} parameters")
-    recipe = (f"{r.get('method', '?')}, matrices int{r.get('matrix_bits', '?')}, embeddings int{r.get('embed_bits', '?')}"
-              f", codecs {'/'.join(r.get('codecs', [])) or '?'}")
+    recipe = (f"{r.get('method', '?')}, matrices int{r.get('matrix_bits', '?')}, "
+              f"embeddings int{r.get('embed_bits', '?')}, codecs {'/'.join(r.get('codecs', [])) or '?'}")
     return f"{model}; {recipe}"
 
 
@@ -396,276 +391,10 @@ def compare_reports(a, b):
     metrics_b = {k: v for k, v in b["metrics"].items() if isinstance(v, (int, float))}
     return {
         "total_bytes": b["total_bytes"] - a["total_bytes"], "headroom": b["headroom"] - a["headroom"],
-        "by_role": diff(a["by_role"], b["by_role"]),
-        "by_group": diff(_group_bytes(a), _group_bytes(b)),
+        "by_role": diff(a["by_role"], b["by_role"]), "by_group": diff(group_bytes(a), group_bytes(b)),
         "metrics": {k: metrics_b[k] - metrics_a[k] for k in metrics_a if k in metrics_b},
     }
 
 
-def _group_bytes(report):
+def group_bytes(report):
     return {g: v["bytes"] for g, v in report["by_group"].items()}
-
-
-# ----------------------------------------------------------------------------- rich tables
-
-def _num(value, digits=2):
-    if value is None:
-        return "-"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return f"{value:,.{digits}f}"
-
-
-def _pct(part, whole):
-    return f"{100 * part / whole:.2f}%" if whole else "-"
-
-
-def headroom_line(report):
-    headroom, budget = report["headroom"], report["budget_bytes"]
-    if headroom < 0:
-        return f"[bold red]OVER BUDGET by {-headroom:,} bytes[/] ({report['total_bytes']:,} > {budget:,})"
-    return f"[bold green]headroom {headroom:,} bytes[/] ({report['total_bytes']:,} of {budget:,}, {_pct(headroom, budget)} free)"
-
-
-def roles_table(report):
-    """Every section, grouped under its role with a subtotal, as a share of the file."""
-    total = report["total_bytes"]
-    table = Table(title="bytes by role (sums to the file size)")
-    for col in ("role", "section", "bytes", "% of file", "detail"):
-        table.add_column(col, justify="right" if col in ("bytes", "% of file") else "left")
-    for role, role_bytes in report["by_role"].items():
-        members = [s for s in report["sections"] if s["role"] == role]
-        for s in members:
-            table.add_row(role, s["name"], _num(s["bytes"]), _pct(s["bytes"], total), _section_detail(s))
-        table.add_row(f"[bold]{role}[/]", "[bold]subtotal[/]", f"[bold]{role_bytes:,}[/]", _pct(role_bytes, total), "",
-                      end_section=True)
-    table.add_row("[bold]total[/]", "", f"[bold]{total:,}[/]", "100.00%", "")
-    return table
-
-
-def _section_detail(s):
-    if "members" in s:
-        return f"{s['members']} members"
-    if "stream" in s:
-        return f"{s['codec']}, {s['tensors']} tensor{'' if s['tensors'] == 1 else 's'}"
-    if "zip_method" in s:
-        raw = s.get("raw_bytes", s["uncompressed_bytes"])
-        return f"{s['zip_method']}, {raw:,} bytes unpacked"
-    return ""
-
-
-def streams_table(report):
-    """Each weight stream next to the order-0 entropy of its symbols: how close the codec gets."""
-    table = Table(title="weight streams")
-    cols = ("stream", "codec", "tensors", "params", "bits", "raw", "stored", "entropy", "stored/entropy", "bits/param")
-    table.caption = "entropy: order-0 entropy of the stream's symbols (int codes as bytes, fp16 as 16-bit words)"
-    for col in cols:
-        table.add_column(col, justify="left" if col in ("stream", "codec") else "right", no_wrap=col == "stream")
-    for s in report["sections"]:
-        if "stream" not in s:
-            continue
-        ratio = s["bytes"] / s["entropy_bytes"] if s["entropy_bytes"] else None
-        codec = f"{s['codec']}+shuffle{s['shuffle']}" if s.get("shuffle") else s["codec"]
-        table.add_row(s["stream"], codec, _num(s["tensors"]), _num(s["params"]), _num(s["bits"]),
-                      _num(s["raw_bytes"]), _num(s["bytes"]), _num(round(s["entropy_bytes"])), _num(ratio, 3),
-                      _num(s["bits_per_param"], 3))
-    return table
-
-
-def breakdown_table(title, key_name, buckets, weight_total):
-    table = Table(title=title, caption="compressed bytes split in proportion to raw payload bytes within each stream")
-    for col in (key_name, "tensors", "params", "raw bytes", "compressed", "% of weights", "bits/param"):
-        table.add_column(col, justify="left" if col == key_name else "right")
-    for key, b in buckets.items():
-        table.add_row(str(key), _num(b["tensors"]), _num(b["params"]), _num(b["raw_bytes"]), _num(b["bytes"]),
-                      _pct(b["bytes"], weight_total), _num(b["bits_per_param"], 3))
-    return table
-
-
-def metrics_table(report):
-    table = Table(title="build-time figures (recorded in the manifest)", show_header=False)
-    for key, value in report["metrics"].items():
-        shown = f"{value:.5f}" if "bpb" in key and isinstance(value, float) else \
-            f"{value:,}" if isinstance(value, int) else f"{value:g}" if isinstance(value, float) else str(value)
-        table.add_row(key, shown)
-    return table
-
-
-def integrity_lines(report):
-    """What the checksums proved, whether the code is what this pgbuild writes, and the file's
-    SHA-256 against the submission's."""
-    code = report["code"]
-    marks = {True: "[green]canonical[/]", False: "[bold red]NOT canonical[/]", None: "[yellow]not checked[/]"}
-    shown = ", ".join(f"{name} {marks[flag]}" for name, flag in code["canonical"].items())
-    against = (f"pgbuild {code['checked_with']}" if code["built_by"] == code["checked_with"] else
-               f"built by pgbuild {code['built_by']}, this is {code['checked_with']}: cannot reproduce its code")
-    lines = ["CRC-32 and SHA-256 of every member verified", f"code ({against}): {shown}", f"sha256 {report['sha256']}"]
-    sub = report["submission"]
-    if sub:
-        verdict = {True: "[green]matches[/]", False: "[bold red]DIFFERS from[/]", None: "no artifact_sha256 in"}
-        lines[-1] += f" ({verdict[sub['matches']]} {sub['path']})"
-    return lines
-
-
-def render_report(console, report):
-    console.print(f"[bold]{report['artifact']}[/]: {report['summary']}")
-    for line in integrity_lines(report):
-        console.print(line)
-    console.print(roles_table(report))
-    console.print(streams_table(report))
-    weights = report["by_role"].get("weights", 0)
-    console.print(breakdown_table("weights by tensor group", "group", report["by_group"], weights))
-    console.print(breakdown_table("weights by layer", "layer", report["by_layer"], weights))
-    if report["metrics"]:
-        console.print(metrics_table(report))
-    console.print(headroom_line(report))
-
-
-def render_compare(console, a, b, delta):
-    """Both artifacts side by side: roles, groups, totals and bpb, with b - a deltas."""
-    table = Table(title="comparison (delta = B - A)", caption="groups: " + SPLIT_NOTE)
-    table.add_column("")
-    for col in (f"A: {os.path.basename(a['artifact'])}", f"B: {os.path.basename(b['artifact'])}", "delta", "delta %"):
-        table.add_column(col, justify="right")
-
-    def row(label, x, y, d, digits=0, more_is_better=False):
-        fmt = (lambda v: _num(v, digits)) if digits else (lambda v: _num(v))
-        worse = d and (d < 0 if more_is_better else d > 0)  # more bytes or higher bpb is worse
-        color = "" if not d else "red" if worse else "green"
-        shown = f"[{color}]{'+' if d > 0 else ''}{fmt(d)}[/]" if color else fmt(d)
-        table.add_row(label, fmt(x), fmt(y), shown, _pct(d, x) if x else "-")
-
-    for role in delta["by_role"]:
-        row(f"role: {role}", a["by_role"].get(role, 0), b["by_role"].get(role, 0), delta["by_role"][role])
-    ga, gb = _group_bytes(a), _group_bytes(b)
-    for group in delta["by_group"]:
-        row(f"group: {group}", ga.get(group, 0), gb.get(group, 0), delta["by_group"][group])
-    row("[bold]total bytes[/]", a["total_bytes"], b["total_bytes"], delta["total_bytes"])
-    row("headroom", a["headroom"], b["headroom"], delta["headroom"], more_is_better=True)
-    for key, d in delta["metrics"].items():
-        row(f"metric: {key}", a["metrics"][key], b["metrics"][key], d, digits=5)
-    console.print(table)
-
-
-# ----------------------------------------------------------------------------- the picture
-
-def write_plot(path, reports):
-    """A PNG of where the bytes go: a stacked bar per artifact by role against the budget, and
-    bars by tensor group and by layer. Uses the Agg canvas directly (no pyplot global state) and
-    writes under a temporary name that is renamed into place."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise PgError("--plot needs matplotlib, which is not installed: pip install 'pgbuild[plot]'") from None
-
-    path = os.path.abspath(path)
-    if os.path.isdir(path):
-        raise PgError(f"{path}: is a directory; give a file name such as audit.png")
-    if not os.path.isdir(os.path.dirname(path)):
-        raise PgError(f"{os.path.dirname(path)}: no such directory for --plot")
-    fig = Figure(figsize=(12, 8), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplot_mosaic([["roles", "roles"], ["group", "layer"]], height_ratios=[1, 2])
-    labels = [_label(r) for r in reports] if len(reports) == 1 else \
-        [f"{tag}: {_label(r)}" for tag, r in zip("AB", reports)]
-    _plot_roles(axes["roles"], reports, labels)
-    _plot_buckets(axes["group"], reports, labels, "by_group", "weights by tensor group (proportional split)")
-    _plot_buckets(axes["layer"], reports, labels, "by_layer", "weights by layer (proportional split)")
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _label(report):
-    return os.path.basename(report["artifact"])
-
-
-def _thousands(value, _position=None):
-    return f"{value:,.0f}"
-
-
-def _plot_roles(ax, reports, labels):
-    """One stacked bar per artifact (first on top), roles in file order, the budget as a line."""
-    colors = {"container": "#999999", "code": "#4c72b0", "manifest": "#dd8452", "weights": "#55a868"}
-    rows = list(range(len(reports)))[::-1]
-    lefts = [0] * len(reports)
-    for role in dict.fromkeys(k for r in reports for k in r["by_role"]):
-        widths = [r["by_role"].get(role, 0) for r in reports]
-        ax.barh(rows, widths, left=lefts, label=role, color=colors.get(role), height=0.6)
-        lefts = [left + width for left, width in zip(lefts, widths)]
-    for row, r in zip(rows, reports):
-        ax.text(r["total_bytes"], row, f"  {r['total_bytes']:,} bytes, headroom {r['headroom']:,}", va="center",
-                fontsize="small", color="red" if r["over_budget"] else "black")
-    budget = reports[0]["budget_bytes"]
-    ax.axvline(budget, color="red", linestyle="--", label=f"budget {budget:,}")
-    ax.set_yticks(rows, labels)
-    ax.set_xlim(0, max(budget, *(r["total_bytes"] for r in reports)) * 1.02)
-    ax.xaxis.set_major_formatter(_thousands)
-    ax.set_xlabel("bytes")
-    ax.set_title("where the bytes go, by role")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
-
-
-def _plot_buckets(ax, reports, labels, key, title):
-    names = list(dict.fromkeys(k for r in reports for k in r[key]))
-    width = 0.8 / len(reports)
-    for i, (r, label) in enumerate(zip(reports, labels)):
-        xs = [j + i * width for j in range(len(names))]
-        ax.bar(xs, [r[key].get(n, {}).get("bytes", 0) for n in names], width=width, label=label)
-    ax.set_xticks([j + width * (len(reports) - 1) / 2 for j in range(len(names))], names, rotation=30, ha="right")
-    ax.yaxis.set_major_formatter(_thousands)
-    ax.set_ylabel("compressed bytes")
-    ax.set_title(title)
-    if len(reports) > 1:
-        ax.legend(fontsize="small")
-
-
-# ----------------------------------------------------------------------------- command
-
-def report_console():
-    """stdout console; when piped (no terminal, no COLUMNS) wide enough that the stream table's
-    ten columns are not truncated to rich's 80-column default."""
-    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
-        return Console()
-    return Console(width=150)
-
-
-@click.command()
-@click.argument("artifact", type=click.Path())
-@click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object instead of tables")
-@click.option("--compare", "other", type=click.Path(), help="a second artifact to show side by side (deltas = OTHER - ARTIFACT)")
-@click.option("--plot", "plot_path", type=click.Path(), help="write a PNG of where the bytes go")
-@click.option("--budget-bytes", type=click.IntRange(min=1), default=DEFAULT_BUDGET, show_default=True,
-              help="the size limit the headroom is measured against")
-@click.option("--submission", "submission_path", type=click.Path(dir_okay=False),
-              help="a submission.json whose artifact_sha256 to check (default: one beside ARTIFACT, if any)")
-def audit(artifact, as_json, other, plot_path, budget_bytes, submission_path):
-    """Byte-budget report of ARTIFACT, read as data and never executed.
-
-    Sections (preamble, zip headers, each member, central directory) sum to the file size exactly;
-    weight streams show raw, compressed and order-0 entropy sizes and bits per parameter; weight
-    bytes are also split by tensor group and by layer, in proportion to each tensor's raw payload
-    within its stream. Every member's CRC-32 and SHA-256 are checked first; the preamble, bootstrap
-    and runtime are compared byte for byte with what this pgbuild writes (`canonical`), and the
-    file's SHA-256 with a submission.json's.
-    """
-    report = audit_report(artifact, budget_bytes, submission_path)
-    compared = audit_report(other, budget_bytes) if other else None
-    if plot_path:
-        write_plot(plot_path, [report] + ([compared] if compared else []))
-    if as_json:
-        if compared:
-            report = dict(report, compare=dict(compared, delta=compare_reports(report, compared)))
-        click.echo(json.dumps(report))
-    else:
-        console = report_console()
-        render_report(console, report)
-        if compared:
-            render_compare(console, report, compared, compare_reports(report, compared))
-    if plot_path:
-        Console(stderr=True).print(f"wrote {plot_path}")

@@ -9,7 +9,7 @@ quant.prune_to_fit, zeroing the cheapest ±1 codes is tried first at every step 
 
 import numpy as np
 
-from builder.quant.quantize import prune_count
+from builder.quant.primitives import prune_count
 from runtime.errors import PgError
 
 
@@ -199,5 +199,6 @@ def allocate(quantizer, pack, budget, reserve=0, report=print):
         best = prune_to_fit(quantizer, pack, *closest, cap, report)
     if best is None:
         raise PgError(f"budget of {budget:,} bytes is too small: the smallest encodings the allocator may "
-                      f"choose (quant.rd_bits) give {len(pack({n: min(r, key=lambda r: r[2])[0] for n, r in table.items()})):,} bytes")
+                      "choose (quant.rd_bits) give "
+                      f"{len(pack({n: min(r, key=lambda r: r[2])[0] for n, r in table.items()})):,} bytes")
     return best

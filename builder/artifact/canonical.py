@@ -11,25 +11,17 @@ hold them byte for byte. Its weights and manifest are free to differ; its code i
 import hashlib
 import json
 import os
-from importlib.metadata import PackageNotFoundError, version
 
+from builder.artifact.pack import PREAMBLE, bootstrap_source, runtime_stream
+from builder.provenance import pgbuild_version
 from runtime.artifact import BOOTSTRAP, MANIFEST
 from runtime.errors import PgError
 
 CODE_MEMBERS = ("preamble", BOOTSTRAP, "runtime.xz")
 
 
-def pgbuild_version():
-    try:
-        return version("pgbuild")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return None
-
-
 def reference_code(manifest_bytes):
     """{code member: the bytes this pgbuild writes for an artifact with this manifest}."""
-    from builder.artifact.pack import PREAMBLE, bootstrap_source, runtime_stream
-
     return {"preamble": PREAMBLE, BOOTSTRAP: bootstrap_source(hashlib.sha256(manifest_bytes).hexdigest()),
             "runtime.xz": runtime_stream()}
 

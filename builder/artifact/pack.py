@@ -3,7 +3,7 @@
 Weight streams group tensors by role and encoding (all layers' MLP fc codes at int6 form one
 stream, say), since similar symbols side by side compress best; each stream is compressed with
 every configured codec and the smallest output is kept, and each stream of integer codes is also
-tried with its rows in greedy nearest-neighbour order and transposed (builder/layout.py). The
+tried with its rows in greedy nearest-neighbour order and transposed (builder/artifact/layout.py). The
 runtime sources are minified (docstrings and comments dropped) and shipped as one LZMA stream of
 {module: source}.
 """
@@ -12,20 +12,18 @@ import ast
 import hashlib
 import io
 import json
-import os
 import zipfile
 from importlib import resources
 from pathlib import Path
 
 import runtime
-from builder.artifact.canonical import pgbuild_version
 from builder.artifact.entropy import encode as rans_encode
 from builder.artifact.layout import RowOrders, nn_columns, reorderable
-from builder.quant.quantize import matrix_group
+from builder.provenance import pgbuild_version
+from builder.quant.primitives import matrix_group
 from runtime.artifact import BOOTSTRAP, MANIFEST
 from runtime.codec import LZMA_FILTERS, byte_shuffle
 from runtime.codec import compress as lz_compress
-from runtime.errors import PgError
 
 FORMAT_VERSION = 1
 EXTENSIONS = {"brotli": "br", "lzma": "xz", "rans": "rans"}
@@ -105,7 +103,7 @@ def build_streams(encoded_tensors):
 
 
 def compress(codec, raw):
-    """One stream compressed with one codec: "rans" is ours (builder/entropy.py), the rest are
+    """One stream compressed with one codec: "rans" is ours (builder/artifact/entropy.py), the rest are
     the standard codecs the runtime also wraps."""
     return rans_encode(raw) if codec == "rans" else lz_compress(codec, raw)
 
@@ -184,22 +182,3 @@ def _add_stream(members, streams, stream, raw, codec, data):
     stream.update(member=f"w/{stream['name']}.{EXTENSIONS[codec]}", codec=codec, raw_bytes=len(raw))
     members[stream["member"]] = data
     streams.append(stream)
-
-
-def write_atomic(path, data):
-    """Write `data` under a temporary name beside `path`, then rename it into place."""
-    path = os.path.abspath(path)
-    if os.path.isdir(path):
-        raise PgError(f"{path}: is a directory; give a file name such as artifact.py")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    if os.path.getsize(path) != len(data):
-        raise PgError(f"{path}: written size differs from the packed size")

@@ -10,9 +10,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from builder.commands.group import PgGroup
 from builder.data import build as dataset_mod
 from builder.data import download as download_mod
-from runtime.errors import PgError
 
 STAGE_LABELS = {
     "scan": "checking documents",
@@ -20,23 +20,6 @@ STAGE_LABELS = {
     "encode": "tokenizing documents",
     "download": "downloading files",
 }
-
-
-class UserError(click.ClickException):
-    """A PgError shown as one `error: ...` line on stderr with exit code 2, never a traceback."""
-
-    exit_code = 2
-
-    def show(self, file=None):
-        click.echo(f"error: {self.format_message()}", err=True)
-
-
-@contextlib.contextmanager
-def _user_errors():
-    try:
-        yield
-    except PgError as e:
-        raise UserError(str(e)) from None
 
 
 @contextlib.contextmanager
@@ -76,7 +59,7 @@ def _print_summary(summary, as_json, table, notes):
         console.print(f"[bold]{key}:[/bold] {value}", soft_wrap=True, highlight=False)
 
 
-@click.group("data")
+@click.group("data", cls=PgGroup)
 def data():
     """Get token shards: build them from your own documents, or download the challenge's."""
 
@@ -97,7 +80,7 @@ def data():
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def build(input_path, vocab_size, out_dir, val_docs, tokenizer_train_docs, shard_tokens, as_json):
     """Train a BPE tokenizer on DOCS' training docs and write val/train shards to DIR."""
-    with _user_errors(), _progress() as report:
+    with _progress() as report:
         s = dataset_mod.build_dataset(input_path, vocab_size, out_dir, val_docs=val_docs, progress=report,
                                       tokenizer_train_docs=tokenizer_train_docs, shard_tokens=shard_tokens)
     table = _split_table("dataset built", "docs", "tokens", "shards")
@@ -127,7 +110,7 @@ def download(variant, train_shards, out_dir, repo_id, remote_root, as_json):
     # would repeat, less clearly, the one error line we print.
     disable_progress_bars()
     hf_logging.set_verbosity_error()
-    with _user_errors(), _progress() as report:
+    with _progress() as report:
         s = download_mod.download(variant=variant, train_shards=train_shards, out_dir=out_dir,
                                   repo_id=repo_id, remote_root=remote_root, progress=report)
     table = _split_table(f"{variant} shards", "files")

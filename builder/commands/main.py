@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,28 +11,18 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from builder.config import PRESETS, RECIPES, SECTIONS, Preset, apply_overrides, apply_recipe, field_docs, \
-    get_preset, load_toml
-from builder.artifact.audit import audit, report_console
+from builder.commands.audit import audit, report_console
 from builder.commands.data import data
-from builder.judge.runs import record, runs
+from builder.commands.group import PgGroup
+from builder.commands.runs import record, runs
 from builder.commands.threads import threads_option
-from builder.judge.verify import verify
-from runtime.errors import PgError
-from runtime.evaluate import MODES
+from builder.commands.verify import verify
+from builder.config import SECTIONS, Preset, apply_overrides, field_docs
+from builder.presets import PRESETS, RECIPES, apply_recipe, get_preset, load_toml
+from runtime.config import MODES
+from runtime.errors import PgError, refuse
 
 console = Console(stderr=True)
-
-
-class PgGroup(click.Group):
-    """Turns `PgError` into one line on stderr and exit status 2, never a traceback."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except PgError as e:
-            click.echo(f"error: {e}", err=True)
-            ctx.exit(2)
 
 
 @click.group(cls=PgGroup)
@@ -65,8 +56,10 @@ def resolve_preset(name, config_file, assignments, recipe=None):
 
 def preset_options(f, default="tiny"):
     f = click.option("--set", "assignments", multiple=True, metavar="SECTION.FIELD=VALUE", help=_set_help())(f)
-    f = click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file with [model], [train], [quant], [eval] tables")(f)
-    f = click.option("--preset", default=default, show_default=True, type=click.Choice(list(PRESETS)), help="named configuration")(f)
+    f = click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                     help="TOML file with [model], [train], [quant], [eval] tables")(f)
+    f = click.option("--preset", default=default, show_default=True, type=click.Choice(list(PRESETS)),
+                     help="named configuration")(f)
     return f
 
 
@@ -82,7 +75,8 @@ def recipe_option(default, where):
 def launch_options(f):
     f = click.option("--rdzv-endpoint", help="rendezvous HOST:PORT for multi-node runs")(f)
     f = click.option("--nnodes", default=1, show_default=True, help="nodes for torchrun")(f)
-    f = click.option("--nproc-per-node", default=1, show_default=True, help="processes per node; >1 relaunches under torchrun")(f)
+    f = click.option("--nproc-per-node", default=1, show_default=True,
+                     help="processes per node; >1 relaunches under torchrun")(f)
     return f
 
 
@@ -97,7 +91,32 @@ def maybe_relaunch(nproc_per_node, nnodes, rdzv_endpoint):
         raise PgError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT")
     else:
         cmd += ["--standalone"]
-    sys.exit(subprocess.call(cmd + ["-m", "builder"] + sys.argv[1:]))
+    sys.exit(run_launcher(cmd + ["-m", "builder"] + sys.argv[1:]))
+
+
+TORCHRUN_LOG = re.compile(r"^[EWI]\d{4} .*torch/distributed/")
+"""A line of torchrun's own logger ('E1206 01:02:03.000 123 torch/distributed/...')."""
+
+
+def run_launcher(cmd):
+    """Run torchrun, passing the ranks' output through; when a rank fails, end with one `error:`
+    line (rank 0's refusal, or a pointer to the failing rank's traceback above) instead of the
+    launcher's own report, and exit 2."""
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, bufsize=1)
+    refusal, launcher_failed = None, False
+    for line in proc.stderr:
+        if TORCHRUN_LOG.match(line) and line.startswith("E"):
+            launcher_failed = True  # the ranks are done; what follows is torchrun's traceback wall
+        if launcher_failed:
+            continue
+        if line.startswith("error: "):
+            refusal = refusal or line
+        else:
+            sys.stderr.write(line)
+    if proc.wait() == 0:
+        return 0
+    return refuse(refusal[len("error: "):].rstrip() if refusal else
+                  f"a process under torchrun failed (exit status {proc.returncode}); its output is above")
 
 
 def _data_layout(data, preset, tokenizer=None):
@@ -137,12 +156,13 @@ def _train(preset, data, run=None, checkpoint=None, resume=None):
 
 
 def _checkpoint_saver(path, preset, ctx):
-    from builder.pipeline import provenance, save_checkpoint
+    from builder.pipeline import save_checkpoint
+    from builder.provenance import of_training
 
     def save(trainer):
         state = trainer.state_dict()  # every rank: it gathers Muon's momentum
         if ctx.is_main:
-            save_checkpoint(path, trainer.final_weights(), preset, provenance(preset, trainer.result(), ctx.world),
+            save_checkpoint(path, trainer.final_weights(), preset, of_training(preset, trainer.result(), ctx.world),
                             training=state)
     return save
 
@@ -169,7 +189,8 @@ def _print_result(summary, as_json):
 @launch_options
 @click.option("--data", required=True, type=click.Path(), help="dataset directory (pgbuild or challenge layout)")
 @click.option("--out", default="artifact.py", show_default=True, type=click.Path(), help="artifact file to write")
-@click.option("--budget-bytes", type=int, help="hard cap on the artifact's size (default: quant.budget_bytes = 16,000,000)")
+@click.option("--budget-bytes", type=int,
+              help="hard cap on the artifact's size (default: quant.budget_bytes = 16,000,000)")
 @click.option("--eval-tokens", default=1_000_000, show_default=True, help="validation prefix scored at build time")
 @click.option("--eval-modes", default="standard,sliding,ttt", show_default=True, help="modes scored at build time")
 @recipe_option(None, "the preset's own quant section")
@@ -179,7 +200,8 @@ def _print_result(summary, as_json):
 def train_and_pack(preset, config_file, assignments, nproc_per_node, nnodes, rdzv_endpoint, data, out, budget_bytes,
                    eval_tokens, eval_modes, recipe, run_dir, as_json):
     """Train, quantize, fit the byte budget and write one self-contained artifact.py."""
-    from builder.pipeline import provenance, quantize_and_pack
+    from builder.pipeline import quantize_and_pack
+    from builder.provenance import of_training
     from builder.rundir import CHECKPOINT
 
     maybe_relaunch(nproc_per_node, nnodes, rdzv_endpoint)
@@ -192,9 +214,9 @@ def train_and_pack(preset, config_file, assignments, nproc_per_node, nnodes, rdz
     run = _run_dir(run_dir)
     checkpoint = run.file(CHECKPOINT) if run and preset.train.checkpoint_every else None
     ctx, layout, result = _train(preset, data, run, checkpoint)
-    summary = quantize_and_pack(result.model, preset, layout, out, ctx, provenance(preset, result, ctx.world),
-                                eval_tokens, _modes(eval_modes), report=console.print if ctx.is_main else (lambda *_: None),
-                                show_progress=not as_json)
+    summary = quantize_and_pack(result.model, preset, layout, out, ctx, of_training(preset, result, ctx.world),
+                                eval_tokens, _modes(eval_modes),
+                                report=console.print if ctx.is_main else (lambda *_: None), show_progress=not as_json)
     if ctx.is_main:
         if run is not None:
             run.write_summary(summary, preset_name)
@@ -244,7 +266,8 @@ def train(preset, config_file, assignments, nproc_per_node, nnodes, rdzv_endpoin
 @click.option("--data", required=True, type=click.Path(), help="dataset directory (training shards calibrate GPTQ)")
 @click.option("--out", default="artifact.py", show_default=True, type=click.Path(), help="artifact file to write")
 @click.option("--budget-bytes", type=int, help="hard cap on the artifact's size (default: the checkpoint's)")
-@click.option("--set", "assignments", multiple=True, metavar="quant.FIELD=VALUE", help="override quantization/eval settings")
+@click.option("--set", "assignments", multiple=True, metavar="quant.FIELD=VALUE",
+              help="override quantization/eval settings")
 @click.option("--eval-tokens", default=1_000_000, show_default=True, help="validation prefix scored at build time")
 @click.option("--eval-modes", default="standard,sliding,ttt", show_default=True, help="modes scored at build time")
 @recipe_option("best", "best")
@@ -323,8 +346,8 @@ def eval_checkpoint(checkpoint, data, mode, max_val_tokens, as_json):
 def import_checkpoint(checkpoint, fmt, out, preset, config_file, assignments):
     """Turn another training script's weights into a pgbuild checkpoint (for eval and quantize);
     the preset (+ --config, --set) gives the shapes, which must match the file's exactly."""
-    from builder.train.importer import import_r0409
     from builder.pipeline import save_checkpoint
+    from builder.train.importer import import_r0409
 
     preset = resolve_preset(preset, config_file, assignments)
     state, prov = import_r0409(checkpoint, preset.model)

@@ -11,7 +11,6 @@ held in memory: FineWeb-sized inputs are tens of gigabytes. Outputs are built in
 folder inside the output directory and renamed into place only once everything succeeded.
 """
 
-import contextlib
 import glob
 import io
 import json
@@ -19,13 +18,13 @@ import lzma
 import os
 import shutil
 import tempfile
-import uuid
 
 import numpy as np
 import sentencepiece as spm
 
 from runtime.data import HEADER_INTS, SHARD_MAGIC, SHARD_VERSION
 from runtime.errors import PgError
+from runtime.files import atomic_path
 
 BOS_ID = 1
 MAX_VOCAB = 1 << 16  # shard bodies are uint16
@@ -43,27 +42,6 @@ SPACE_PIECE = "\u2581"
 
 # ----------------------------------------------------------------------------- output files
 
-@contextlib.contextmanager
-def atomic_output(path):
-    """Open `path` for binary writing under a temporary name; rename into place only on success.
-
-    A crash or exception therefore never leaves a half-written file under the final name.
-    """
-    folder, name = os.path.split(os.path.abspath(path))
-    # Hidden, so shard globs never pick it up; opened with "x" (not mkstemp) to honour the umask.
-    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def write_shard(path, tokens):
     """Write one shard (256 x int32 header, then uint16 tokens), atomically."""
     tokens = np.asarray(tokens)
@@ -75,7 +53,7 @@ def write_shard(path, tokens):
         raise PgError(f"{path}: {tokens.size} tokens do not fit the int32 header; use smaller shards")
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:3] = SHARD_MAGIC, SHARD_VERSION, tokens.size
-    with atomic_output(path) as f:
+    with atomic_path(path, "shard") as tmp, open(tmp, "wb") as f:
         f.write(header.tobytes())
         f.write(tokens.astype("<u2", copy=False).tobytes())
 
@@ -277,7 +255,7 @@ def build_dataset(input_path, vocab_size, out_dir, val_docs=DEFAULT_VAL_DOCS, pr
         raise PgError(f"{out_dir}: cannot create output directory ({e.strerror or e})") from None
     try:
         tok_path = os.path.join(staging, TOKENIZER_NAME)
-        with atomic_output(tok_path) as f:
+        with atomic_path(tok_path, "tokenizer") as tmp, open(tmp, "wb") as f:
             f.write(proto)
         writer = _encode(input_path, sp, val_docs, n_docs, staging, shard_tokens, progress)
         shards = writer.paths["val"] + writer.paths["train"]

@@ -32,11 +32,11 @@ import json
 import os
 import posixpath
 import shutil
-import uuid
 
 from huggingface_hub import hf_hub_download
 
 from runtime.errors import PgError
+from runtime.files import atomic_path
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 DEFAULT_REMOTE_ROOT = "datasets"
@@ -68,17 +68,11 @@ def _place(source, dest):
     """
     source = os.path.realpath(source)
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(dest), f".{os.path.basename(dest)}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
+    with atomic_path(dest, "downloaded file") as tmp:
         try:
             os.link(source, tmp)
         except OSError:  # different filesystem, or links not supported
             shutil.copyfile(source, tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _safe_rel(path, what):

@@ -12,7 +12,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from builder.quant.quantize import Encoded, encode_matrix, hessian_error
+from builder.quant.primitives import Encoded, encode_matrix, hessian_error
 from runtime.codec import hadamard
 
 MAX_ROTATION_BLOCK = 512
@@ -104,15 +104,6 @@ def add_lqer(encoded, w, h, rank=4, group=64, damp=0.01):
     extras = {"lqer_a": (a_codes.to(torch.int8).numpy(), "lqer.int2"), "lqer_b": (b_codes.numpy(), "lqer.int4"),
               "lqer_b_scale": (b_scales.numpy().reshape(-1), "scales.fp16")}
     return _with_transform(encoded, w, h, extras, {"lqer_a_scale": a_scale, "lqer_group": group})
-
-
-def lqer_targets(encoded, weights, n, by="frobenius"):
-    """Names of the `n` quantized matrices with the largest error: ||W - W_hat||_F as the record
-    ranks them (by="frobenius"), or the Hessian-weighted `.error` (by="hessian")."""
-    def size(e):
-        return float(torch.linalg.norm(weights[e.name].float() - e.dequantize())) if by == "frobenius" else e.error
-    quantized = [e for e in encoded if e.scales is not None and not isinstance(e, ControlEncoded)]
-    return [e.name for e in sorted(quantized, key=size, reverse=True)[:n]]
 
 
 class ControlEncoded(Encoded):

@@ -9,9 +9,14 @@ q.k is unchanged, and the per-head RMS norm before RoPE ignores signs. So negati
 rows that produce dims [rope_dims/2, rope_dims) of each head gives identical attention scores.
 """
 
+import pickle
+
 import torch
 
+from builder.provenance import environment
 from runtime.errors import PgError
+from runtime.files import file_sha256
+from runtime.model import GPT
 
 # Record name (after `blocks.N.`) -> pgbuild name; everything else keeps its name.
 R0409_BLOCK_NAMES = {
@@ -38,7 +43,6 @@ def _record_name(name):
 
 
 def _expected_shapes(model_cfg):
-    from runtime.model import GPT
     with torch.device("meta"):
         return {name: tuple(t.shape) for name, t in GPT(model_cfg).state_dict().items()}
 
@@ -87,17 +91,9 @@ def from_r0409(state_dict, model_cfg):
 
 def import_r0409(path, model_cfg):
     """(pgbuild state dict, provenance) of the record checkpoint at `path`."""
-    import datetime
-    import pickle
-    import platform
-
-    from builder.pipeline import file_sha256, git_commit
-
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise PgError(f"{path}: not a readable torch checkpoint ({str(e).splitlines()[0]})") from None
-    prov = {"pgbuild_commit": git_commit(), "imported_from": "r0409", "source_sha256": file_sha256(path),
-            "torch": str(torch.__version__), "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    prov = {**environment(), "imported_from": "r0409", "source_sha256": file_sha256(path)}
     return from_r0409(state_dict, model_cfg), prov

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from runtime.distributed import Ranks
+
 NEWTON_SCHULZ = {
     "classic": [(3.4445, -4.775, 2.0315)] * 5,
     "polar_express": [
@@ -50,8 +52,8 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self):
-        distributed = dist.is_available() and dist.is_initialized()
-        rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+        ranks = Ranks()
+        distributed, rank, world = ranks.active, ranks.rank, ranks.world
         for group in self.param_groups:
             params, mu = group["params"], group["momentum"]
             flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device, dtype=torch.float32)
@@ -78,9 +80,9 @@ class Muon(torch.optim.Optimizer):
     def gather_state(self):
         """Give every rank every momentum buffer (each lives on the rank that owns its matrix),
         so that rank 0's state_dict() is the whole optimizer state, as a checkpoint needs."""
-        if not (dist.is_available() and dist.is_initialized()):
+        world = Ranks().world
+        if world == 1:
             return
-        world = dist.get_world_size()
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):
                 # A missing buffer is a zero one: momentum starts from zero either way.

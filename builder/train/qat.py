@@ -29,9 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from builder.quant.quantize import is_quantized, matrix_group, recipe_bits_and_k, sdclip_scales
-
-SCALE_RULES = ("sdclip", "rowmax")
+from builder.quant.policy import is_quantized, recipe_bits_and_k
+from builder.quant.primitives import matrix_group, sdclip_scales
 
 
 def fake_quantize(w, bits, k, rule):

@@ -22,52 +22,43 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from builder.data.loader import ShuffledSequences
+from builder.timebudget import estimate_post_training
 from builder.train.averaging import Averages
 from builder.train.compiling import compile_training
-from builder.data.loader import ShuffledSequences
 from builder.train.optim import Muon, apply_schedule, build_optimizers, schedule_at
 from builder.train.qat import LateQAT
+from runtime.distributed import Ranks, init_distributed
 from runtime.errors import PgError
 from runtime.model import GPT
+from runtime.precision import autocast
 
 
-@dataclass
-class Context:
-    """Where this process runs: device, rank and world size."""
+class Context(Ranks):
+    """Where this process runs: its device, and (from Ranks) its rank among `world`."""
 
-    device: torch.device
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def is_main(self):
-        return self.rank == 0
+    def __init__(self, device):
+        super().__init__()
+        self.device = device
 
 
 def setup_context(require_cuda=False):
-    """Join torchrun's process group when launched by it (NCCL on GPU, gloo on CPU)."""
+    """This process's Context, after joining torchrun's process group when launched by it."""
     cuda = torch.cuda.is_available()
     if require_cuda and not cuda:
         raise PgError("this preset needs a CUDA GPU and none is available; use --preset tiny on CPU")
-    if "RANK" not in os.environ:
-        return Context(torch.device("cuda" if cuda else "cpu"))
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cpu")
-    if cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    return Context(device, rank, world)
+    return Context(init_distributed() or torch.device("cuda" if cuda else "cpu"))
 
 
-def micro_steps(cfg, world):
-    """Gradient-accumulation steps per optimizer step, checking that the batch splits evenly."""
+def micro_batches(cfg, world):
+    """(micro-batches per optimizer step on each rank, tokens per micro-batch), checking that the
+    batch splits evenly. A rank's share smaller than micro_batch_tokens is one micro-batch."""
     per_rank, rem = divmod(cfg.batch_tokens, world)
-    if rem or per_rank % cfg.micro_batch_tokens or cfg.micro_batch_tokens % cfg.seq_len:
+    micro = min(cfg.micro_batch_tokens, per_rank)
+    if rem or not micro or per_rank % micro or micro % cfg.seq_len:
         raise PgError(f"batch of {cfg.batch_tokens} tokens does not split into {world} rank(s) x micro-batches of "
-                      f"{cfg.micro_batch_tokens} tokens x sequences of {cfg.seq_len}; adjust train.batch_tokens")
-    return per_rank // cfg.micro_batch_tokens
+                      f"{micro} tokens x sequences of {cfg.seq_len}; adjust train.batch_tokens")
+    return per_rank // micro, micro
 
 
 def from_rank0(value, ctx):
@@ -115,9 +106,11 @@ class Trainer:
     """One model, its optimizers, weight averages and batches: `step` runs one optimizer step."""
 
     def __init__(self, preset, layout, ctx):
+        self.created_at = time.perf_counter()  # setup (model, compile wrappers) is off the clock
         cfg = self.cfg = preset.train
+        self.layout = layout
         self.preset, self.ctx = preset, ctx
-        self.accum = micro_steps(cfg, ctx.world)
+        self.accum, micro_tokens = micro_batches(cfg, ctx.world)
         torch.manual_seed(cfg.seed)
         self.model = GPT(preset.model)
         self.model.reset_parameters()
@@ -133,10 +126,10 @@ class Trainer:
         self.optimizers = build_optimizers(self.model, cfg)
         self.averages = Averages(self.model, cfg)
         self.loader = ShuffledSequences(layout.shards("train"), cfg.seq_len, cfg.seed)
-        self.seqs_per_step = self.accum * cfg.micro_batch_tokens // cfg.seq_len  # this rank's share
-        self.autocast = (torch.autocast("cuda", torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False))
+        self.seqs_per_step = self.accum * micro_tokens // cfg.seq_len  # this rank's share
+        self.autocast = autocast(ctx.device)
         self.steps, self.elapsed, self.log, self.estimate = 0, 0.0, [], None
-        self.reserve = self.setup_seconds = 0.0  # set by `train`
+        self.reserve = self.setup_seconds = 0.0  # decided when `train` starts
         self.model.looping = preset.model.num_loops > 0 and cfg.enable_looping_at <= 0
 
     def step(self, sched, batch=None):
@@ -237,86 +230,88 @@ class Trainer:
         self.averages.load_final_into(self.model)
         self.model.looping = True
 
+    def reserve_seconds(self, report):
+        """The reserve for the post-training stages: the configured one or, with auto_reserve, the
+        larger of it and the measured estimate (taken on rank 0, shared with every rank)."""
+        cfg, ctx = self.cfg, self.ctx
+        if not cfg.auto_reserve:
+            return cfg.reserve_seconds
+        if self.estimate is None:
+            estimate = estimate_post_training(self.model, self.layout, self.preset, ctx.device) if ctx.is_main else None
+            if ctx.world > 1:
+                shared = [estimate]
+                dist.broadcast_object_list(shared, src=0)
+                estimate = shared[0]
+            self.estimate = {k: round(v, 2) for k, v in estimate.items()}
+            report("reserve estimate: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.estimate.items()))
+        return max(cfg.reserve_seconds, sum(self.estimate.values()))
 
-def reserve_seconds(trainer, layout, report):
-    """The reserve for the post-training stages: the configured one or, with auto_reserve, the
-    larger of it and the measured estimate (taken on rank 0, shared with every rank)."""
-    cfg, ctx = trainer.cfg, trainer.ctx
-    if not cfg.auto_reserve:
-        return cfg.reserve_seconds
-    if trainer.estimate is None:
-        from builder.timebudget import estimate_post_training
-        estimate = estimate_post_training(trainer.model, layout, trainer.preset, ctx.device) if ctx.is_main else None
-        if ctx.world > 1:
-            shared = [estimate]
-            dist.broadcast_object_list(shared, src=0)
-            estimate = shared[0]
-        trainer.estimate = {k: round(v, 2) for k, v in estimate.items()}
-        report("reserve estimate: " + ", ".join(f"{k} {v:.1f} s" for k, v in trainer.estimate.items()))
-    return max(cfg.reserve_seconds, sum(trainer.estimate.values()))
+    def train(self, report=print, save=None, on_log=None):
+        """Steps until train.iterations or the wallclock budget (the limit less the reserve) runs
+        out, whichever comes first; returns the result with the final (averaged) weights loaded.
+
+        `save(trainer)`: called on every rank every `train.checkpoint_every` steps and once at the
+        end, before the final weights replace the trained ones. `on_log(entries)`: called with the
+        whole log after each new entry."""
+        cfg, ctx = self.cfg, self.ctx
+        if self.graphs is not None and cfg.compile_warmup_steps:
+            self.prime_compilation()
+        self.reserve = self.reserve_seconds(report)
+        self.setup_seconds = time.perf_counter() - self.created_at
+
+        budget = max(cfg.max_wallclock_seconds - self.reserve, 1e-9)
+        frac = max(self.steps / cfg.iterations, self.elapsed / budget)
+        # The log (train_log.jsonl, loss.png) gets at least ~50 points however short the run; the
+        # console still prints every train.log_every steps.
+        log_every = min(cfg.log_every, max(1, cfg.iterations // 50))
+        session_start, elapsed_before = time.perf_counter(), self.elapsed
+        while self.steps < cfg.iterations and frac < 1.0:
+            sched = schedule_at(self.steps, frac, cfg)
+            for change in self.switches(sched, frac):
+                report(f"step {self.steps}: {change}")
+            loss_sum = self.step(sched)
+            self.steps += 1
+            self.elapsed = elapsed_before + from_rank0(time.perf_counter() - session_start, ctx)
+            frac = max(self.steps / cfg.iterations, self.elapsed / budget)
+            if self.averages.update(self.model, self.steps, frac):
+                report(f"step {self.steps}: SWA started (a snapshot every {cfg.swa_every} steps)")
+            done = self.steps >= cfg.iterations or frac >= 1.0
+            if self.steps % log_every == 0 or self.steps == 1 or done:
+                entry = self.log_entry(loss_sum, sched)
+                self.log.append(entry)
+                if self.steps % cfg.log_every == 0 or self.steps == 1 or done:
+                    report(f"step {entry['step']} loss {entry['loss']:.4f} lr_mul {sched.lr_mul:.3f} "
+                           f"{entry['tokens_per_second']:,} tok/s {entry['seconds']:.1f}s")
+                if on_log is not None:
+                    on_log(self.log)
+            if save is not None and cfg.checkpoint_every and self.steps % cfg.checkpoint_every == 0 and not done:
+                paused = time.perf_counter()
+                save(self)
+                session_start += time.perf_counter() - paused  # checkpoints are off the clock
+        if save is not None:
+            save(self)
+        result = self.result()
+        self.finish()
+        if self.graphs is not None:
+            # As the record does: drop the training graphs, so evaluation's graphs get dynamo's whole
+            # recompile limit (with fullgraph=True, going past it is an error, not a slow fallback).
+            torch._dynamo.reset()
+        report(f"final weights: {result.weights}")
+        return result
+
+    def log_entry(self, loss_sum, sched):
+        return dict(step=self.steps, loss=round(float(loss_sum) / self.accum, 5), lr_mul=round(sched.lr_mul, 4),
+                    looping=self.model.looping, qat=self.qat is not None and self.qat.active,
+                    seconds=round(self.elapsed, 2),
+                    tokens_per_second=round(self.steps * self.cfg.batch_tokens / max(self.elapsed, 1e-9)))
+
 
 
 def train(preset, layout, ctx, report=print, resume=None, save=None, on_log=None):
-    """Train `preset.model` on `layout`'s training shards; returns the averaged model.
-
-    `resume`: a `Trainer.state_dict()` to continue from. `save(trainer)`: called on every rank
-    every `train.checkpoint_every` steps and once at the end, before the final weights replace the
-    trained ones. `on_log(entries)`: called with the whole log after each new entry."""
-    cfg = preset.train
-    setup_start = time.perf_counter()
+    """Train `preset.model` on `layout`'s training shards (see `Trainer.train`); `resume` is a
+    `Trainer.state_dict()` to continue from."""
     trainer = Trainer(preset, layout, ctx)
-    model = trainer.model
     if resume is not None:
         trainer.load_state_dict(resume)
         report(f"resuming at step {trainer.steps} ({trainer.elapsed:.1f} s on the clock)")
-    if trainer.graphs is not None and cfg.compile_warmup_steps:
-        trainer.prime_compilation()
-    trainer.reserve = reserve_seconds(trainer, layout, report)
-    trainer.setup_seconds = time.perf_counter() - setup_start
-
-    budget = max(cfg.max_wallclock_seconds - trainer.reserve, 1e-9)
-    frac = max(trainer.steps / cfg.iterations, trainer.elapsed / budget)
-    # The log (train_log.jsonl, loss.png) gets at least ~50 points however short the run; the
-    # console still prints every train.log_every steps.
-    log_every = min(cfg.log_every, max(1, cfg.iterations // 50))
-    session_start, elapsed_before = time.perf_counter(), trainer.elapsed
-    while trainer.steps < cfg.iterations and frac < 1.0:
-        sched = schedule_at(trainer.steps, frac, cfg)
-        for change in trainer.switches(sched, frac):
-            report(f"step {trainer.steps}: {change}")
-        loss_sum = trainer.step(sched)
-        trainer.steps += 1
-        trainer.elapsed = elapsed_before + from_rank0(time.perf_counter() - session_start, ctx)
-        frac = max(trainer.steps / cfg.iterations, trainer.elapsed / budget)
-        if trainer.averages.update(model, trainer.steps, frac):
-            report(f"step {trainer.steps}: SWA started (a snapshot every {cfg.swa_every} steps)")
-        done = trainer.steps >= cfg.iterations or frac >= 1.0
-        if trainer.steps % log_every == 0 or trainer.steps == 1 or done:
-            trainer.log.append(log_entry(trainer, loss_sum, sched))
-            entry = trainer.log[-1]
-            if trainer.steps % cfg.log_every == 0 or trainer.steps == 1 or done:
-                report(f"step {entry['step']} loss {entry['loss']:.4f} lr_mul {sched.lr_mul:.3f} "
-                       f"{entry['tokens_per_second']:,} tok/s {entry['seconds']:.1f}s")
-            if on_log is not None:
-                on_log(trainer.log)
-        if save is not None and cfg.checkpoint_every and trainer.steps % cfg.checkpoint_every == 0 and not done:
-            paused = time.perf_counter()
-            save(trainer)
-            session_start += time.perf_counter() - paused  # checkpoints are off the clock
-    if save is not None:
-        save(trainer)
-    result = trainer.result()
-    trainer.finish()
-    if trainer.graphs is not None:
-        # As the record does: drop the training graphs, so evaluation's graphs get dynamo's whole
-        # recompile limit (with fullgraph=True, going past it is an error, not a slow fallback).
-        torch._dynamo.reset()
-    report(f"final weights: {result.weights}")
-    return result
-
-
-def log_entry(trainer, loss_sum, sched):
-    return dict(step=trainer.steps, loss=round(float(loss_sum) / trainer.accum, 5), lr_mul=round(sched.lr_mul, 4),
-                looping=trainer.model.looping, qat=trainer.qat is not None and trainer.qat.active,
-                seconds=round(trainer.elapsed, 2),
-                tokens_per_second=round(trainer.steps * trainer.cfg.batch_tokens / max(trainer.elapsed, 1e-9)))
+    return trainer.train(report, save, on_log)
