@@ -11,7 +11,8 @@ import textwrap
 from dataclasses import dataclass, field, fields, replace
 from functools import cache
 
-from runtime.config import ConfigBase, EvalConfig, ModelConfig
+from runtime.artifact import BUDGET_BYTES
+from runtime.config import ConfigBase, EvalConfig, ModelConfig, require
 from runtime.errors import PgError
 
 NEWTON_SCHULZ_NAMES = ("classic", "polar_express")
@@ -124,10 +125,13 @@ class TrainConfig(ConfigBase):
             raise PgError(f"train.newton_schulz_coefficients must be one of {', '.join(NEWTON_SCHULZ_NAMES)}")
         if self.qat_scale not in ("sdclip", "rowmax"):
             raise PgError("train.qat_scale must be 'sdclip' or 'rowmax'")
-        if not 0 <= self.muon_wd_taper_start < 1 or not 0 <= self.swa_start_frac <= 1:
-            raise PgError("train.muon_wd_taper_start must be in [0, 1) and train.swa_start_frac in [0, 1]")
-        if min(self.iterations, self.log_every) < 1 or min(self.swa_every, self.checkpoint_every) < 0:
-            raise PgError("train.iterations and train.log_every must be >= 1; swa_every and checkpoint_every >= 0")
+        require(0 <= self.muon_wd_taper_start < 1,
+                f"train.muon_wd_taper_start must be in [0, 1), got {self.muon_wd_taper_start}")
+        require(0 <= self.swa_start_frac <= 1, f"train.swa_start_frac must be in [0, 1], got {self.swa_start_frac}")
+        for name in ("iterations", "log_every"):
+            require(getattr(self, name) >= 1, f"train.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("swa_every", "checkpoint_every"):
+            require(getattr(self, name) >= 0, f"train.{name} must be at least 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,7 @@ class QuantConfig(ConfigBase):
     order and transposed (the top record does tok_emb, attn_q and mlp_fc); the smaller layout wins,
     row orders counted. The search costs O(rows^2 x cols) per matrix and only pays where rows
     resemble each other, as a trained embedding's do."""
-    budget_bytes: int = 16_000_000
+    budget_bytes: int = BUDGET_BYTES
     """Hard cap on the artifact file's size in bytes."""
     hessian_clip_lambda: float = 0.0
     """Hessian-aware SDClip: row scales grow by 1 + lambda*(r_i - 1) with r_i the row's

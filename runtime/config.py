@@ -14,6 +14,12 @@ MODES = ("standard", "sliding", "ttt", "lora")
 so the artifact's `info` and argument parsing never import it)."""
 
 
+def require(condition, message):
+    """One check, one message: a refused config names exactly the condition that failed."""
+    if not condition:
+        raise PgError(message)
+
+
 class ConfigBase:
     """Dict round-trips for the frozen config dataclasses."""
 
@@ -108,22 +114,30 @@ class ModelConfig(ConfigBase):
     Off: fp32 table, residual stream and softcap, bf16 autocast on CUDA only."""
 
     def __post_init__(self):
-        if self.model_dim % self.num_heads or self.num_heads % self.num_kv_heads:
-            raise PgError("model: model_dim must divide by num_heads, and num_heads by num_kv_heads")
-        if self.rope_dims % 2 or self.rope_dims > self.head_dim:
-            raise PgError("model: rope_dims must be even and at most the head dim")
+        require(self.model_dim % self.num_heads == 0,
+                f"model.model_dim ({self.model_dim}) must be a multiple of model.num_heads ({self.num_heads})")
+        require(self.num_heads % self.num_kv_heads == 0,
+                f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads ({self.num_kv_heads})")
+        require(self.rope_dims % 2 == 0, f"model.rope_dims must be even, got {self.rope_dims}")
+        require(self.rope_dims <= self.head_dim,
+                f"model.rope_dims ({self.rope_dims}) must be at most the head dim ({self.head_dim})")
         if self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers:
             raise PgError("model: the recurrence segment must lie within the layers")
         if self.vocab_size > 65536:
             raise PgError("model: vocab_size must fit the uint16 shard format (<= 65536)")
-        if self.mlp_activation not in MLP_ACTIVATIONS or self.attn_gate not in ATTN_GATES:
-            raise PgError(f"model: mlp_activation must be in {MLP_ACTIVATIONS} and attn_gate in {ATTN_GATES}")
-        if self.bigram_buckets == 1 or self.bigram_buckets < 0 or not 0 < self.gate_window <= self.model_dim:
-            raise PgError("model: bigram_buckets must be 0 (off) or >= 2, and gate_window in 1..model_dim")
+        require(self.mlp_activation in MLP_ACTIVATIONS,
+                f"model.mlp_activation must be one of {', '.join(MLP_ACTIVATIONS)}, got {self.mlp_activation!r}")
+        require(self.attn_gate in ATTN_GATES,
+                f"model.attn_gate must be one of {', '.join(ATTN_GATES)}, got {self.attn_gate!r}")
+        require(self.bigram_buckets == 0 or self.bigram_buckets >= 2,
+                f"model.bigram_buckets must be 0 (off) or at least 2, got {self.bigram_buckets}")
+        require(0 < self.gate_window <= self.model_dim,
+                f"model.gate_window must be in 1..model_dim ({self.model_dim}), got {self.gate_window}")
         # `--set model.ve_layers=9,10` hands over strings and a JSON manifest a list: store ints.
         layers = [str(s).strip() for s in self.ve_layers if str(s).strip()]
-        if not all(s.isdigit() and int(s) < self.num_layers for s in layers) or len(set(layers)) < len(layers):
-            raise PgError(f"model: ve_layers must be distinct layers in 0..{self.num_layers - 1}, got {self.ve_layers}")
+        require(all(s.isdigit() and int(s) < self.num_layers for s in layers),
+                f"model.ve_layers must be layers in 0..{self.num_layers - 1}, got {self.ve_layers}")
+        require(len(set(layers)) == len(layers), f"model.ve_layers must not repeat a layer, got {self.ve_layers}")
         object.__setattr__(self, "ve_layers", tuple(map(int, layers)))
 
     @property

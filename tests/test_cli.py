@@ -65,3 +65,17 @@ def test_missing_val_split_is_caught_before_training(demo_data, tmp_path):
         shutil.copy(shard, data)
     proc = run_pgbuild("train-and-pack", "--data", data, "--out", tmp_path / "a.py", check=False)
     assert proc.returncode == 2 and "fineweb_val" in proc.stderr
+
+
+@pytest.mark.parametrize("assignment, named", [
+    ("model.num_heads=3", "model.model_dim (128) must be a multiple of model.num_heads (3)"),
+    ("model.rope_dims=7", "model.rope_dims must be even"),
+    ("model.bigram_buckets=1", "model.bigram_buckets must be 0 (off) or at least 2"),
+    ("model.ve_layers=1,1", "model.ve_layers must not repeat a layer"),
+    ("train.swa_start_frac=2", "train.swa_start_frac must be in [0, 1]"),
+    ("train.log_every=0", "train.log_every must be at least 1"),
+])
+def test_each_refused_setting_is_named_alone(assignment, named):
+    with pytest.raises(PgError) as refused:
+        apply_overrides(get_preset("tiny"), [assignment])
+    assert str(refused.value).startswith(named)

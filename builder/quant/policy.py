@@ -17,6 +17,7 @@ from builder.quant.primitives import (
     zero_codes,
 )
 from builder.quant.transforms import add_lqer, encode_awq, encode_hadamard, encode_int8_per_tensor, encode_int8_rows
+from runtime.config import require
 from runtime.errors import PgError
 
 MATRIX_ENCODERS = {None: encode_matrix, "hadamard": encode_hadamard, "awq": encode_awq}
@@ -64,8 +65,9 @@ class Quantizer:
         self.hessians = hessians
         self.qcfg = qcfg
         self.probe = probe
-        if not all(0 < f <= 1 for f in qcfg.prune_fractions) or not 0 <= qcfg.prune_to_fit <= 1:
-            raise PgError("quant.prune_fractions must lie in (0, 1] and quant.prune_to_fit in [0, 1]")
+        require(all(0 < f <= 1 for f in qcfg.prune_fractions),
+                f"quant.prune_fractions must lie in (0, 1], got {qcfg.prune_fractions}")
+        require(0 <= qcfg.prune_to_fit <= 1, f"quant.prune_to_fit must lie in [0, 1], got {qcfg.prune_to_fit}")
         self._cache = {}
         self._loss_per_error = {}
 
