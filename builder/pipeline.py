@@ -21,7 +21,7 @@ from builder.config import Preset
 from builder.progress import scoring_progress
 from builder.quant.calibration import LossProbe, collect_hessians
 from builder.quant.policy import Quantizer
-from builder.timebudget import Stopwatch, describe, stop_rule, timing_summary
+from builder.timebudget import Stopwatch, describe, overtime, stop_rule, timing_summary
 from runtime.api import load_model
 from runtime.artifact import Artifact
 from runtime.baselines import baselines
@@ -101,57 +101,67 @@ def measure(model, blob, layout, preset, device, tokens, modes, track=None):
 
 
 def quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, eval_modes, report=print,
-                      show_progress=True):
-    """Hessians -> GPTQ -> budget fit -> measured figures -> artifact at `out`; returns its
-    manifest's figures and size. Every rank calls this; rank 0 quantizes and writes."""
-    qcfg = preset.quant
+                      show_progress=True, allow_overtime=False):
+    """Hessians -> GPTQ -> budget fit -> artifact at `out` -> measured figures, written into its
+    manifest; returns its figures and size. Every rank calls this; rank 0 quantizes and writes.
+
+    The clock (builder/timebudget.py) stops when the artifact is first written; the build-time
+    evaluation runs after, off the clock, and the file is then rewritten with the figures in its
+    manifest (same weights and code; METRICS_RESERVE_BYTES kept room for them)."""
+    qcfg, tcfg = preset.quant, preset.train
     tokens = val_stream(layout, preset, eval_tokens)  # a bad --eval-tokens fails now, not after GPTQ
     info = {"model": preset.model.to_dict(), "eval": preset.eval.to_dict(),
             "tokenizer_sha256": file_sha256(layout.tokenizer),
             "recipe": {"method": "gptq+sdclip", **qcfg.to_dict()}, "provenance": prov}
-    blob = plan = None
+    blob = plan = refusal = None
     watch = Stopwatch(train=prov.get("train_seconds", 0.0))
     report("collecting Hessians from training batches")
     with watch("hessians"):  # every rank forwards its share of the calibration batches
-        hessians = collect_hessians(model, layout, qcfg, preset.train.seq_len, ctx.device, preset.train.seed,
-                                    ctx.rank, ctx.world)
+        hessians = collect_hessians(model, layout, qcfg, tcfg.seq_len, ctx.device, tcfg.seed, ctx.rank, ctx.world)
     if ctx.is_main:
         probe = None
         if qcfg.allocation == "rd" and qcfg.probe_tokens:
-            probe = LossProbe(model, layout, preset.train.seq_len, qcfg.probe_tokens, ctx.device, preset.train.seed)
+            probe = LossProbe(model, layout, tcfg.seq_len, qcfg.probe_tokens, ctx.device, tcfg.seed)
         quantizer = Quantizer(model.state_dict(), hessians, qcfg, probe)
         compressor = StreamCompressor(qcfg.codecs, qcfg.reorder_groups)
 
-        def pack(plan, metrics=None):
-            """The artifact for `plan`; the fit packs without figures (METRICS_RESERVE_BYTES keeps
-            room for them), the final pack with the figures measured on the fitted weights."""
+        def pack(plan, metrics=None, stage="compress"):
+            """The artifact for `plan`; the fit packs without figures, the final pack ("repack",
+            off the clock) with the figures measured on the fitted weights, its streams from the
+            compressor's cache."""
             encoded = quantizer.encode_all(plan)
-            with watch("compress"):
+            with watch(stage):
                 return build_artifact(encoded, {**info, "metrics": metrics or {}}, compressor)
 
         report("quantizing (GPTQ + SDClip) and packing")
         fit = allocate if qcfg.allocation == "rd" else fit_budget
         with watch("gptq", exclude="compress"):
             plan, blob = fit(quantizer, pack, qcfg.budget_bytes, METRICS_RESERVE_BYTES, report)
+        with watch("serialize"):
+            write_atomic(out, blob, "artifact", mode=0o755)
+        report(describe(watch.seconds, tcfg.max_wallclock_seconds, tcfg.time_rule, prov.get("steps"),
+                        tcfg.iterations))
+        refusal = None if allow_overtime else overtime(watch.seconds, tcfg.max_wallclock_seconds, tcfg.time_rule)
     if ctx.world > 1:
-        shared = [blob]
+        shared = [blob, refusal]
         dist.broadcast_object_list(shared, src=0)
-        blob = shared[0]
-    report("measuring bpb at build time")
+        blob, refusal = shared
+    if refusal:
+        raise PgError(refusal)
+    report("measuring bpb at build time (after the artifact is written: off the clock)")
     with watch("eval"), scoring_progress(show_progress and ctx.is_main) as track:
         metrics = measure(model, blob, layout, preset, ctx.device, tokens, eval_modes, track)
     if not ctx.is_main:
         return None
-    blob = pack(plan, metrics)
-    report(describe(watch.seconds, preset.train.max_wallclock_seconds, prov.get("steps"), preset.train.iterations))
-    tensors = tensor_report(quantizer, plan)
+    blob = pack(plan, metrics, stage="repack")
     if len(blob) > qcfg.budget_bytes:
         raise PgError(f"packed artifact is {len(blob):,} bytes, over the {qcfg.budget_bytes:,}-byte budget")
     write_atomic(out, blob, "artifact", mode=0o755)
     return {"path": str(out), "bytes": len(blob), "budget_bytes": qcfg.budget_bytes,
             "headroom": qcfg.budget_bytes - len(blob), "bits": {n: c.bits for n, c in plan.items()},
-            "tensors": tensors, **metrics, **timing_summary(watch.seconds, preset.train.max_wallclock_seconds),
-            "stopped_by": stop_rule(prov.get("steps"), preset.train.iterations),
+            "tensors": tensor_report(quantizer, plan), **metrics,
+            **timing_summary(watch.seconds, tcfg.max_wallclock_seconds, tcfg.time_rule, prov.get("reserve_estimate")),
+            "stopped_by": stop_rule(prov.get("steps"), tcfg.iterations),
             **{k: v for k, v in prov.items() if k != "train_seconds" and not isinstance(v, (list, dict))}}
 
 

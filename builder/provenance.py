@@ -39,4 +39,5 @@ def of_training(preset, result, world):
     return {**environment(), "seed": preset.train.seed, "steps": result.steps,
             "train_seconds": round(result.seconds, 1), "world_size": world, "train_shards": result.shards,
             "weights": result.weights, "reserve_seconds": round(result.reserve_seconds, 1),
-            "setup_seconds": round(result.setup_seconds, 1), "compilations": result.compilations}
+            "setup_seconds": round(result.setup_seconds, 1), "reserve_estimate": result.estimate,
+            "compilations": result.compilations}

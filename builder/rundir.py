@@ -18,9 +18,11 @@ is killed) never sees half a file.
     each mode scored (`standard`, `sliding`, `ttt`), and the baselines on the same tokens,
     `uniform_bpb` and `unigram_bpb` (runtime/baselines.py);
   - where the time went (builder/timebudget.py): `train_seconds`, `hessians_seconds`,
-    `gptq_seconds` (GPTQ + budget fit), `compress_seconds`, `eval_seconds`, `wallclock_seconds`
-    (the stages inside the limit), `wallclock_limit_seconds`, `within_wallclock`, and `stopped_by`
-    (`step cap` or `wallclock`: which rule ended training);
+    `gptq_seconds` (GPTQ + budget fit), `compress_seconds`, `serialize_seconds` (writing the
+    file), each estimated stage's `<stage>_estimate_seconds`, `artifact_production_wallclock`
+    (every second until the artifact exists), `counted_seconds` (the stages `time_rule` counts),
+    `wallclock_limit_seconds`, `within_wallclock`, `eval_seconds` (after the artifact is written,
+    off the clock), and `stopped_by` (`step cap` or `wallclock`: which rule ended training);
   - provenance: `seed`, `steps`, `world_size`, `weights` (ema / swa / last), `reserve_seconds`,
     `setup_seconds` (compile warmup and reserve estimate, off the clock), `compilations` (graphs
     torch.compile built for the training forward; 0 when eager), `pgbuild_commit`,

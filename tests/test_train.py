@@ -14,12 +14,12 @@ from click.testing import CliRunner
 from conftest import ROOT
 
 from builder.commands import main as cli
-from builder.config import QuantConfig, TrainConfig, apply_overrides
+from builder.config import TIME_RULE_NAMES, QuantConfig, TrainConfig, apply_overrides
 from builder.data.loader import ShuffledSequences
 from builder.presets import get_preset
 from builder.quant.calibration import LossProbe, collect_hessians
 from builder.quant.primitives import encode_matrix
-from builder.timebudget import describe, estimate_post_training, timing_summary
+from builder.timebudget import TIME_RULES, describe, estimate_post_training, overtime, timing_summary
 from builder.train.averaging import Averages
 from builder.train.qat import LateQAT, fake_quantize
 from builder.train.trainer import Context, micro_batches, train
@@ -187,12 +187,20 @@ def test_reserve_shortens_the_training_budget(demo_data):
     result = train(small_preset("train.iterations=5", "train.max_wallclock_seconds=100", "train.reserve_seconds=100"),
                    layout, ctx, report=quiet)
     assert result.steps == 1 and result.reserve_seconds == 100
-    lines = []
-    result = train(small_preset("train.iterations=2", "train.auto_reserve=true", "train.reserve_seconds=0"),
+    lines = []  # a step cap that binds long before the clock: no estimate is taken
+    result = train(small_preset("train.iterations=3", "train.reserve_seconds=0"), layout, ctx, report=lines.append)
+    assert result.estimate is None and result.steps == 3 and not any("estimate" in line for line in lines)
+    # A clock that binds: the estimate is taken (off the clock) and shortens training.
+    result = train(small_preset("train.iterations=100000", "train.max_wallclock_seconds=8", "train.reserve_seconds=0"),
                    layout, ctx, report=lines.append)
     estimate = next(line for line in lines if line.startswith("reserve estimate"))
     assert all(stage in estimate for stage in ("hessians", "gptq", "compress"))
-    assert result.reserve_seconds > 0 and result.steps == 2
+    assert result.reserve_seconds == pytest.approx(sum(result.estimate.values()), abs=0.05)
+    assert result.seconds <= 8 - result.reserve_seconds + 1.0  # stopped by the clock, less the reserve
+    data_access = small_preset("train.iterations=100000", "train.max_wallclock_seconds=8", "train.reserve_seconds=0",
+                               "train.time_rule=data_access")
+    data_access = train(data_access, layout, ctx, report=quiet)
+    assert data_access.reserve_seconds == pytest.approx(data_access.estimate["hessians"], abs=0.01)
 
 
 def test_estimate_covers_every_post_training_stage(demo_data):
@@ -201,9 +209,21 @@ def test_estimate_covers_every_post_training_stage(demo_data):
     model.reset_parameters()
     estimate = estimate_post_training(model, find_data(str(demo_data), 1024), preset, torch.device("cpu"))
     assert set(estimate) == {"hessians", "gptq", "compress"} and all(v > 0 for v in estimate.values())
-    summary = timing_summary({"train": 500.0, "hessians": 50.0, "gptq": 40.0, "compress": 20.0, "eval": 99.0}, 600)
-    assert summary["wallclock_seconds"] == 610.0 and summary["within_wallclock"] is False
-    assert "OVER by 10.0 s" in describe({"train": 500.0, "hessians": 50.0, "gptq": 40.0, "compress": 20.0}, 600)
+
+
+def test_time_rules_count_their_stages():
+    seconds = {"train": 500.0, "hessians": 50.0, "gptq": 40.0, "compress": 20.0, "serialize": 1.0, "eval": 99.0}
+    strict = timing_summary(seconds, 600, "strict", {"hessians": 45.0})
+    assert strict["artifact_production_wallclock"] == strict["counted_seconds"] == 611.0
+    assert strict["within_wallclock"] is False and strict["hessians_estimate_seconds"] == 45.0
+    assert "OVER by 11.0 s" in describe(seconds, 600, "strict") and "build-time eval 99.0 s" in describe(seconds, 600)
+    assert "over the 600 s limit by 11.0 s" in overtime(seconds, 600, "strict")
+    data_access = timing_summary(seconds, 600, "data_access")
+    assert data_access["counted_seconds"] == 550.0 and data_access["within_wallclock"] is True
+    assert data_access["artifact_production_wallclock"] == 611.0 and overtime(seconds, 600, "data_access") is None
+    assert describe(seconds, 600, "data_access").endswith("(gptq 40.0 s, compress 20.0 s, serialize 1.0 s, "
+                                                          "build-time eval 99.0 s outside it)")
+    assert TIME_RULE_NAMES == tuple(TIME_RULES)
 
 
 # ----------------------------------------------------------------------------- late QAT, averaging
@@ -328,8 +348,10 @@ def test_train_and_pack_run_dir_summary(demo_data, tmp_path):
     assert summary["stopped_by"] == "step cap" and summary["unigram_bpb"] < summary["uniform_bpb"]
     assert len((run / "train_log.jsonl").read_text().splitlines()) == 2  # short run: every step logged
     assert {"prequant_bpb", "standard_bpb", "train_seconds", "hessians_seconds", "gptq_seconds", "compress_seconds",
-            "eval_seconds", "wallclock_seconds", "within_wallclock"} <= set(summary)
-    assert summary["wallclock_seconds"] >= summary["train_seconds"] + summary["hessians_seconds"]
+            "serialize_seconds", "eval_seconds", "artifact_production_wallclock", "counted_seconds",
+            "time_rule", "within_wallclock"} <= set(summary)
+    assert summary["artifact_production_wallclock"] >= summary["train_seconds"] + summary["hessians_seconds"]
+    assert summary["time_rule"] == "strict" and summary["counted_seconds"] == summary["artifact_production_wallclock"]
     assert {p.name for p in run.iterdir()} == {"config.json", "train_log.jsonl", "loss.png", "summary.json",
                                                "checkpoint.pt"}
     assert torch.load(run / "checkpoint.pt", weights_only=True)["training"]["steps"] == 2

@@ -63,6 +63,12 @@ def preset_options(f, default="tiny"):
     return f
 
 
+def allow_overtime_option(f):
+    return click.option("--allow-overtime", is_flag=True,
+                        help="keep a build whose counted stages ran past train.max_wallclock_seconds "
+                             "(train.time_rule) instead of failing")(f)
+
+
 def recipe_option(default, where):
     def decorate(f):
         return click.option("--recipe", default=default, show_default=default is not None,
@@ -194,11 +200,12 @@ def _print_result(summary, as_json):
 @click.option("--eval-tokens", default=1_000_000, show_default=True, help="validation prefix scored at build time")
 @click.option("--eval-modes", default="standard,sliding,ttt", show_default=True, help="modes scored at build time")
 @recipe_option(None, "the preset's own quant section")
+@allow_overtime_option
 @click.option("--run-dir", type=click.Path(file_okay=False),
               help="folder for config.json, train_log.jsonl, loss.png and summary.json (builder/rundir.py)")
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
 def train_and_pack(preset, config_file, assignments, nproc_per_node, nnodes, rdzv_endpoint, data, out, budget_bytes,
-                   eval_tokens, eval_modes, recipe, run_dir, as_json):
+                   eval_tokens, eval_modes, recipe, allow_overtime, run_dir, as_json):
     """Train, quantize, fit the byte budget and write one self-contained artifact.py."""
     from builder.pipeline import quantize_and_pack
     from builder.provenance import of_training
@@ -216,7 +223,8 @@ def train_and_pack(preset, config_file, assignments, nproc_per_node, nnodes, rdz
     ctx, layout, result = _train(preset, data, run, checkpoint)
     summary = quantize_and_pack(result.model, preset, layout, out, ctx, of_training(preset, result, ctx.world),
                                 eval_tokens, _modes(eval_modes),
-                                report=console.print if ctx.is_main else (lambda *_: None), show_progress=not as_json)
+                                report=console.print if ctx.is_main else (lambda *_: None), show_progress=not as_json,
+                                allow_overtime=allow_overtime)
     if ctx.is_main:
         if run is not None:
             run.write_summary(summary, preset_name)
@@ -271,9 +279,11 @@ def train(preset, config_file, assignments, nproc_per_node, nnodes, rdzv_endpoin
 @click.option("--eval-tokens", default=1_000_000, show_default=True, help="validation prefix scored at build time")
 @click.option("--eval-modes", default="standard,sliding,ttt", show_default=True, help="modes scored at build time")
 @recipe_option("best", "best")
+@allow_overtime_option
 @click.option("--report", is_flag=True, help="print each tensor's encoding, bytes, bits per parameter and error")
 @click.option("--json", "as_json", is_flag=True, help="print the result as one JSON object")
-def quantize(checkpoint, data, out, budget_bytes, assignments, eval_tokens, eval_modes, recipe, report, as_json):
+def quantize(checkpoint, data, out, budget_bytes, assignments, eval_tokens, eval_modes, recipe, allow_overtime, report,
+             as_json):
     """Quantize a checkpoint, fit the budget and write the artifact, without retraining."""
     from builder.pipeline import load_checkpoint, quantize_and_pack
     from builder.train.trainer import setup_context
@@ -285,7 +295,7 @@ def quantize(checkpoint, data, out, budget_bytes, assignments, eval_tokens, eval
     layout = _data_layout(data, preset)
     _check_tokenizer(layout, preset)
     summary = quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, _modes(eval_modes),
-                                report=console.print, show_progress=not as_json)
+                                report=console.print, show_progress=not as_json, allow_overtime=allow_overtime)
     if report and not as_json:
         _print_tensor_report(summary["tensors"])
     _print_result(summary, as_json)

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from builder.data.loader import ShuffledSequences
-from builder.timebudget import estimate_post_training
+from builder.timebudget import TIME_RULES, estimate_post_training
 from builder.train.averaging import Averages
 from builder.train.compiling import compile_training
 from builder.train.optim import Muon, apply_schedule, build_optimizers, schedule_at
@@ -97,6 +97,8 @@ class TrainResult:
     """Seconds of the wallclock limit kept back for the stages after training."""
     setup_seconds: float = 0.0
     """Off-the-clock seconds: compilation warmup and the reserve estimate."""
+    estimate: dict | None = None
+    """The measured estimate of each post-training stage's seconds, when one was taken."""
     compilations: int = 0
     """Graphs torch.compile built for the training forward in this session, the first compile
     and every recompile: 2 with depth recurrence (plain and looped), 1 without; 0 when eager."""
@@ -195,7 +197,8 @@ class Trainer:
     def result(self):
         return TrainResult(self.model, self.steps, self.elapsed, self.log,
                            [os.path.basename(p) for p in self.loader.paths], self.averages.source(),
-                           self.reserve, self.setup_seconds, 0 if self.graphs is None else self.graphs.graphs)
+                           self.reserve, self.setup_seconds, self.estimate,
+                           0 if self.graphs is None else self.graphs.graphs)
 
     def state_dict(self):
         """Everything a resumed run needs, on the CPU. Collective under DDP: call on every rank."""
@@ -230,12 +233,15 @@ class Trainer:
         self.averages.load_final_into(self.model)
         self.model.looping = True
 
+    def clock_may_bind(self, budget):
+        """Whether the wallclock, not the step cap, may end this run: from the second step, the
+        pace so far projects the cap past half the budget. (Every rank sees rank 0's clock.)"""
+        return self.steps >= 2 and self.elapsed / self.steps * self.cfg.iterations > budget / 2
+
     def reserve_seconds(self, report):
-        """The reserve for the post-training stages: the configured one or, with auto_reserve, the
-        larger of it and the measured estimate (taken on rank 0, shared with every rank)."""
+        """The larger of train.reserve_seconds and the measured estimate of the post-training
+        stages the time rule counts (taken on rank 0, shared with every rank)."""
         cfg, ctx = self.cfg, self.ctx
-        if not cfg.auto_reserve:
-            return cfg.reserve_seconds
         if self.estimate is None:
             estimate = estimate_post_training(self.model, self.layout, self.preset, ctx.device) if ctx.is_main else None
             if ctx.world > 1:
@@ -244,7 +250,8 @@ class Trainer:
                 estimate = shared[0]
             self.estimate = {k: round(v, 2) for k, v in estimate.items()}
             report("reserve estimate: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.estimate.items()))
-        return max(cfg.reserve_seconds, sum(self.estimate.values()))
+        counted = sum(s for stage, s in self.estimate.items() if stage in TIME_RULES[cfg.time_rule])
+        return max(cfg.reserve_seconds, counted)
 
     def train(self, report=print, save=None, on_log=None):
         """Steps until train.iterations or the wallclock budget (the limit less the reserve) runs
@@ -256,7 +263,11 @@ class Trainer:
         cfg, ctx = self.cfg, self.ctx
         if self.graphs is not None and cfg.compile_warmup_steps:
             self.prime_compilation()
-        self.reserve = self.reserve_seconds(report)
+        estimate_due = cfg.auto_reserve
+        if estimate_due and self.estimate is not None:  # resumed: measured before
+            self.reserve, estimate_due = self.reserve_seconds(report), False
+        else:
+            self.reserve = cfg.reserve_seconds
         self.setup_seconds = time.perf_counter() - self.created_at
 
         budget = max(cfg.max_wallclock_seconds - self.reserve, 1e-9)
@@ -272,6 +283,12 @@ class Trainer:
             loss_sum = self.step(sched)
             self.steps += 1
             self.elapsed = elapsed_before + from_rank0(time.perf_counter() - session_start, ctx)
+            if estimate_due and self.clock_may_bind(budget):
+                paused = time.perf_counter()
+                self.reserve, estimate_due = self.reserve_seconds(report), False
+                budget = max(cfg.max_wallclock_seconds - self.reserve, 1e-9)
+                self.setup_seconds += time.perf_counter() - paused
+                session_start += time.perf_counter() - paused  # the estimate is off the clock
             frac = max(self.steps / cfg.iterations, self.elapsed / budget)
             if self.averages.update(self.model, self.steps, frac):
                 report(f"step {self.steps}: SWA started (a snapshot every {cfg.swa_every} steps)")
