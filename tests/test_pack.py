@@ -57,6 +57,19 @@ def test_packing_is_deterministic(quantized):
     assert make() == make()
 
 
+def test_parallel_compression_gives_the_same_bytes(quantized):
+    def make(workers):
+        compressor = StreamCompressor(("brotli", "lzma", "rans"), reorder_groups=("mlp", "attn"), workers=workers)
+        return build_artifact(quantized, INFO, compressor), compressor
+
+    assert make(3)[0] == make(1)[0]
+    raws = [bytes(np.random.default_rng(seed).integers(-3, 4, 5000, dtype=np.int8)) for seed in range(3)]
+    parallel = StreamCompressor(("brotli", "rans"), workers=2)
+    parallel.prefetch(raws + raws[:1])
+    assert len(parallel._cache) == 3  # compressed by the workers, once each
+    assert [parallel(raw) for raw in raws] == [StreamCompressor(("brotli", "rans"), workers=1)(raw) for raw in raws]
+
+
 def test_smallest_codec_wins_per_stream():
     compressor = StreamCompressor(("brotli", "lzma"))
     raw = bytes(np.random.default_rng(0).integers(-3, 4, 20000, dtype=np.int8))

@@ -12,7 +12,10 @@ import ast
 import hashlib
 import io
 import json
+import multiprocessing
+import os
 import zipfile
+from concurrent.futures import ProcessPoolExecutor
 from importlib import resources
 from pathlib import Path
 
@@ -108,54 +111,96 @@ def compress(codec, raw):
     return rans_encode(raw) if codec == "rans" else lz_compress(codec, raw)
 
 
+def _compress_job(job):
+    """One worker's job: (codec, data) of one stream under one codec."""
+    codec, raw = job
+    return codec, compress(codec, raw)
+
+
 class StreamCompressor:
     """Compresses each stream with every codec, keeps the smallest, and remembers results so
-    that repacking after a small change recompresses only the streams that changed."""
+    that repacking after a small change recompresses only the streams that changed.
 
-    def __init__(self, codecs, reorder_groups=()):
+    `prefetch` compresses many streams at once in `workers` processes (default: one per core this
+    process may use). Packing is rank 0's job while the other ranks wait, so the host's cores are
+    free; the bytes are the same as compressing one stream after another."""
+
+    def __init__(self, codecs, reorder_groups=(), workers=None):
         self.codecs = tuple(codecs)
         self.reorder_groups = tuple(reorder_groups)
+        self.workers = workers or len(os.sched_getaffinity(0))
         self._cache = {}
         self.row_orders = RowOrders()
+
+    def _keep_smallest(self, key, results):
+        self._cache[key] = min(results, key=lambda c: len(c[1]))  # the first codec wins a tie
 
     def __call__(self, raw):
         key = hashlib.sha256(raw).digest()
         if key not in self._cache:
-            self._cache[key] = min(((codec, compress(codec, raw)) for codec in self.codecs), key=lambda c: len(c[1]))
+            self._keep_smallest(key, [_compress_job((codec, raw)) for codec in self.codecs])
         return self._cache[key]
 
+    def prefetch(self, raws):
+        """Compress every stream of `raws` not compressed yet, in parallel."""
+        todo = {}
+        for raw in raws:
+            key = hashlib.sha256(raw).digest()
+            if key not in self._cache:
+                todo.setdefault(key, raw)
+        jobs = [(codec, raw) for raw in todo.values() for codec in self.codecs]
+        if self.workers < 2 or len(jobs) < 2:
+            return
+        # One job per stream and codec, largest first, so the longest jobs start at once. fork:
+        # the workers need only this module's numpy and stdlib codecs, and start immediately.
+        order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i][1]))
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(min(self.workers, len(jobs)), mp_context=context) as pool:
+            done = dict(zip(order, pool.map(_compress_job, [jobs[i] for i in order])))
+        for n, key in enumerate(todo):
+            self._keep_smallest(key, [done[n * len(self.codecs) + c] for c in range(len(self.codecs))])
 
-def choose_layout(name, raw, entries, compressor):
-    """(raw, compressed (codec, data), {entry index: row order}) for code stream `name`: as
-    quantized, or, for the compressor's reorder groups, in greedy row order and transposed where
-    that is smaller, row orders counted."""
-    best = (raw, compressor(raw), {})
-    if name.split(".")[0] not in compressor.reorder_groups or not any(reorderable(e) for e in entries):
-        return best
-    moved, orders = nn_columns(raw, entries, compressor.row_orders)
-    order_bytes = len(compressor(b"".join(o.astype("<u2").tobytes() for o in orders.values()))[1])
-    coded = compressor(moved)
-    return (moved, coded, orders) if len(coded[1]) + order_bytes < len(best[1][1]) else best
+
+def order_bytes(orders):
+    return b"".join(o.astype("<u2").tobytes() for o in orders.values())
+
+
+def layout_candidates(name, raw, entries, compressor):
+    """[(raw, {entry index: row order})] for stream `name`: as quantized (first, so it wins a
+    tie) and, for the compressor's reorder groups, in greedy row order and transposed."""
+    if name.endswith(".fp16"):
+        return [(byte_shuffle(raw, 2), {})]
+    found = [(raw, {})]
+    if name.split(".")[0] in compressor.reorder_groups and any(reorderable(e) for e in entries):
+        found.append(nn_columns(raw, entries, compressor.row_orders))
+    return found
+
+
+def stored_size(candidate, compressor):
+    """Compressed bytes of a layout candidate, its row orders counted."""
+    raw, orders = candidate
+    return len(compressor(raw)[1]) + (len(compressor(order_bytes(orders))[1]) if orders else 0)
 
 
 def build_artifact(encoded_tensors, info, compressor):
     """The artifact's bytes. `info` holds the manifest's descriptive fields (model, eval,
     tokenizer_sha256, recipe, provenance, metrics)."""
     raw_streams, tensors = build_streams(encoded_tensors)
+    entries = [[t for t in tensors if t["data"][0] == index] for index in range(len(raw_streams))]
+    candidates = [layout_candidates(name, raw, mine, compressor)
+                  for (name, raw), mine in zip(raw_streams.items(), entries)]
+    compressor.prefetch([part for found in candidates for raw, orders in found
+                         for part in ([raw, order_bytes(orders)] if orders else [raw])])
     members = {"runtime.xz": runtime_stream()}
     streams, row_orders = [], bytearray()
-    for index, (name, raw) in enumerate(raw_streams.items()):
-        stream = {"name": name}
-        if name.endswith(".fp16"):
-            raw = byte_shuffle(raw, 2)
-            stream["shuffle"] = 2
-            codec, data = compressor(raw)
-        else:
-            mine = [t for t in tensors if t["data"][0] == index]
-            raw, (codec, data), orders = choose_layout(name, raw, mine, compressor)
-            for i, order in orders.items():
-                mine[i].update(transposed=1, row_order=[len(raw_streams), len(row_orders), order.nbytes])
-                row_orders += order.astype("<u2").tobytes()
+    for name, found, mine in zip(raw_streams, candidates, entries):
+        stream = {"name": name, **({"shuffle": 2} if name.endswith(".fp16") else {})}
+        # Strictly smaller wins, so a tie keeps the stream as quantized (min keeps the first).
+        raw, orders = min(found, key=lambda candidate: stored_size(candidate, compressor))
+        for i, order in orders.items():
+            mine[i].update(transposed=1, row_order=[len(raw_streams), len(row_orders), order.nbytes])
+            row_orders += order.astype("<u2").tobytes()
+        codec, data = compressor(raw)
         _add_stream(members, streams, stream, raw, codec, data)
     if row_orders:
         codec, data = compressor(bytes(row_orders))
