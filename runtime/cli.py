@@ -15,7 +15,7 @@ import tempfile
 from .config import MODES, EvalConfig
 from .errors import PgError, refuse
 from .files import atomic_path
-from .progress import ProgressLine
+from .progress import Pace, ProgressLine, estimate_line
 from .threads import set_threads
 
 
@@ -110,8 +110,14 @@ def run_eval(args, manifest, read_member):
     model = load_model(manifest, read_member, device)
     tables = byte_tables(sp, vocab)
     ranks = Ranks()
-    progress = ProgressLine(args.mode, (len(tokens) - 1) // ranks.world, enabled=ranks.is_main and not args.json)
-    result = evaluate(model, tokens, tables, cfg, args.mode, device, on_score=progress)
+    share = (len(tokens) - 1) // ranks.world
+    progress = ProgressLine(args.mode, share, enabled=ranks.is_main and not args.json)
+    # The estimate goes to stderr even with --json: stdout holds the result and nothing else.
+    tell = (lambda p: progress.note(estimate_line(args.mode, p, len(tokens) - 1))) if ranks.is_main else None
+    pace = Pace(share, trains=args.mode in ("ttt", "lora"), tell=tell,
+                sync=(lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None)
+    result = evaluate(model, tokens, tables, cfg, args.mode, device,
+                      on_score=lambda a, b: (pace(a, b), progress(a, b)), on_train=pace.trained)
     progress.close()
     if ranks.active:
         dist.destroy_process_group()

@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -45,6 +46,20 @@ def test_eval_runs_self_contained_and_reports_bpb(workdir, clean_env, demo_data)
     assert result["tokens"] > 3000 and result["bytes"] > result["tokens"]
     assert math.isclose(result["val_bpb"], result["val_loss"] * result["tokens"] / math.log(2) / result["bytes"],
                         rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("mode, tokens", [("standard", 20000), ("sliding", 6000), ("ttt", 12500), ("lora", 2000)])
+def test_eval_estimates_its_time_from_the_first_batch(workdir, clean_env, demo_data, mode, tokens):
+    """Before scoring in earnest, one stderr line: the whole evaluation's time, from a timed first
+    batch and the steady rate after it; stdout stays the JSON result alone."""
+    proc = run_artifact(workdir / "artifact.py", "eval", "--data", demo_data, "--json", "--mode", mode,
+                        "--max-val-tokens", tokens, env=clean_env, cwd=workdir)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    estimate = re.fullmatch(rf"{mode}: about ([\d,]+) s for {result['tokens']:,} tokens \(first batch ([\d.]+) s\)\n",
+                            proc.stderr)
+    assert estimate, proc.stderr
+    assert 0 < float(estimate.group(2)) < result["seconds"]
 
 
 def unigram_bpb(layout, sp_vocab, val_tokens, tables):

@@ -4,7 +4,8 @@ only ever read, never executed.
 
 The `artifact` fixture (conftest) is a model trained and packed by the CLI; `small_artifact` is a
 second, different artifact packed directly by `builder.artifact.pack` from synthetic int5/int6/int8/fp16
-tensors, so comparisons have two distinct files and the intB streams are exercised."""
+tensors, so comparisons have two distinct files and the intB streams are exercised; `mixed_artifact`
+gives the same matrix different widths in different layers, as the `best` recipe's allocator does."""
 
 import builtins
 import hashlib
@@ -21,7 +22,16 @@ import pytest
 from click.testing import CliRunner
 from conftest import run_pgbuild
 
-from builder.artifact.audit import GROUPS, ROLES, Ref, audit_report, entropy_bytes, split_proportionally, tensor_group
+from builder.artifact.audit import (
+    GROUPS,
+    ROLES,
+    Ref,
+    audit_report,
+    bits_grid,
+    entropy_bytes,
+    split_proportionally,
+    tensor_group,
+)
 from builder.artifact.pack import PREAMBLE, ZIP_EPOCH, StreamCompressor, build_artifact
 from builder.commands.audit import audit
 from builder.quant.primitives import Encoded
@@ -67,6 +77,21 @@ def small_artifact(tmp_path_factory, small_tensors):
             "provenance": {"seed": 0}, "metrics": {"standard_bpb": 3.25, "ttt_bpb": 3.0}}
     path = tmp_path_factory.mktemp("small") / "small.py"
     path.write_bytes(build_artifact(small_tensors, info, StreamCompressor(["brotli", "lzma"])))
+    return path
+
+
+@pytest.fixture(scope="session")
+def mixed_artifact(tmp_path_factory):
+    rng = np.random.default_rng(1)
+    tensors = [_int_tensor(rng, "tok_emb.weight", (256, 64), 8), _fp16_tensor(rng, "skip_weights", (1, 64))]
+    for layer, (q_bits, fc_bits) in enumerate([(3, 8), (8, 3)]):
+        tensors += [_int_tensor(rng, f"blocks.{layer}.attn.q.weight", (64, 64), q_bits),
+                    _int_tensor(rng, f"blocks.{layer}.mlp.fc.weight", (256, 64), fc_bits),
+                    _fp16_tensor(rng, f"blocks.{layer}.attn_scale", (64,))]
+    info = {"model": {"num_layers": 2}, "eval": {}, "tokenizer_sha256": "0" * 64, "provenance": {},
+            "recipe": {"method": "synthetic", "codecs": ["brotli"]}}
+    path = tmp_path_factory.mktemp("mixed") / "mixed.py"
+    path.write_bytes(build_artifact(tensors, info, StreamCompressor(["brotli"])))
     return path
 
 
@@ -268,6 +293,27 @@ def test_plot_writes_a_png(artifact, small_artifact, tmp_path):
     data = out.read_bytes()
     assert data.startswith(PNG_SIGNATURE) and len(data) > 1000
     assert [p.name for p in tmp_path.iterdir()] == ["bytes.png"]  # no temporary left behind
+
+
+def test_the_heat_map_shows_the_bits_each_tensor_got(mixed_artifact, tmp_path):
+    report = audit_json(mixed_artifact, "--plot", tmp_path / "mixed.png")
+    assert (tmp_path / "mixed.png").read_bytes().startswith(PNG_SIGNATURE)
+    with zipfile.ZipFile(mixed_artifact) as zf:
+        manifest = json.loads(zf.read(MANIFEST))
+    tensors = report["tensors"]
+    assert [(t["name"], t["enc"]) for t in tensors] == [(t["name"], t["enc"]) for t in manifest["tensors"]]
+    assert sum(t["bytes"] for t in tensors) == report["by_role"]["weights"]  # every weight byte, once
+    rows, columns, bits = bits_grid(tensors)
+    assert rows == ["0", "1", "global"] and columns == ["attn_q", "mlp_fc", "control", "tok_emb"]
+    cell = {(r, c): b for r, line in zip(rows, bits) for c, b in zip(columns, line)}
+    assert cell["global", "attn_q"] is None and cell["0", "tok_emb"] is None
+    # The same matrix gets the bits its width bought, layer by layer: int3 codes under 3 bits per
+    # parameter, int8 ones several times more (codes and row scales, compressed).
+    assert cell["0", "attn_q"] < 3 < 6 < cell["1", "attn_q"] and cell["1", "mlp_fc"] < 3 < 6 < cell["0", "mlp_fc"]
+    for t in tensors:
+        if t["kind"] != "control":
+            assert cell[t["layer"], t["kind"]] == pytest.approx(t["bits_per_param"])
+            assert (t["bits_per_param"] < 3) == (t["enc"] == "int3")
 
 
 def test_plot_into_a_missing_directory_fails_cleanly(small_artifact, tmp_path):

@@ -107,7 +107,8 @@ def test_record_folder(run_dirs, artifact, tmp_path):
                                              + [f"summary_seed{s}.json" for s in BETTER])
     assert (out / "artifact.py").read_bytes() == artifact.read_bytes()
     sub = json.loads((out / "submission.json").read_text())
-    assert sub == {k: v for k, v in result.items() if k not in ("out", "files")}
+    assert sub == {k: v for k, v in result.items() if k not in ("out", "files", "warnings")}
+    assert result["warnings"] == [] and "warning" not in proc.stderr  # the tiny model evaluates in seconds
     assert sub["val_bpb"] == pytest.approx(1.07003, abs=1e-5) and sub["val_bpb_std"] == pytest.approx(0.00025, abs=1e-5)
     assert sub["artifact_bytes"] == size and sub["compliance"]["artifact_under_16mb"] and sub["author"] == "someone"
     assert sub["seeds"] == [4, 5, 6] and sub["seed_results"]["5"] == {"val_bpb": 1.0703, "artifact_bytes": size}
@@ -121,3 +122,17 @@ def test_record_folder(run_dirs, artifact, tmp_path):
     bad = run_pgbuild("record", "--artifact", artifact, "--runs", run_dirs[4], "--metric", "nope_bpb",
                       "--out", tmp_path / "records" / "other", check=False)
     assert bad.returncode == 2 and sorted(os.listdir(tmp_path / "records")) == ["2026-05-01_tiny"]  # no leftovers
+
+
+def test_record_warns_of_an_evaluation_past_the_time_limit(packed, artifact, demo_data, tmp_path):
+    _, summary = packed
+    slow = str(write_run(tmp_path / "slow", dict(summary, ttt_seconds=100.0), 11, 1.07))
+    quiet = run_pgbuild("record", "--artifact", artifact, "--runs", slow, "--out", tmp_path / "a", "--json")
+    assert json.loads(quiet.stdout)["warnings"] == []  # 100 s, on the prefix the run scored
+    # Scaled to the whole validation stream, the prefix's 100 s become more than 600.
+    loud = run_pgbuild("record", "--artifact", artifact, "--runs", slow, "--out", tmp_path / "b", "--data", demo_data,
+                       "--json")
+    warnings = json.loads(loud.stdout)["warnings"]
+    assert len(warnings) == 1 and warnings[0].startswith("warning: ttt evaluation would take about ")
+    assert f"(100.0 s for {summary['eval_tokens']:,} tokens, scaled to the full validation stream's" in warnings[0]
+    assert warnings[0] in loud.stderr and os.path.isdir(tmp_path / "b")  # a warning, not a refusal

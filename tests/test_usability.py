@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 from conftest import ROOT, run_artifact
@@ -16,7 +17,7 @@ from conftest import ROOT, run_artifact
 from builder.commands import main as cli
 from builder.timebudget import describe
 from runtime.baselines import baselines, unigram_bits
-from runtime.progress import ProgressLine
+from runtime.progress import Pace, ProgressLine, estimate_line
 from runtime.threads import default_threads, free_cores, set_threads
 
 
@@ -41,7 +42,7 @@ def test_artifact_takes_threads_and_prints_baselines(artifact, demo_data, clean_
     assert result["val_bpb"] < result["unigram_bpb"] < result["uniform_bpb"]
     text = run_artifact(artifact, *args, env=clean_env, cwd=tmp_path)
     assert f"uniform {result['uniform_bpb']:.4f}" in text.stdout and "unigram" in text.stdout
-    assert text.stderr == ""  # no progress line when stderr is not a terminal
+    assert "\r" not in text.stderr  # no progress redraws when stderr is not a terminal
 
 
 def test_unigram_baseline_is_the_sequential_add_one_code():
@@ -71,6 +72,44 @@ def test_progress_line_only_on_a_terminal():
         line.close()
     assert "sliding: 400/1,000 tokens scored" in terminal.getvalue() and "ETA" in terminal.getvalue()
     assert pipe.getvalue() == ""
+
+
+class Clock:
+    now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def score_batches(pace, clock, times, rows=10, width=100):
+    """Forwards ending at `times`, each reporting `rows` consecutive ranges at once."""
+    for t in times:
+        clock.now = t
+        for _ in range(rows):
+            pace(pace.done, pace.done + width)
+
+
+def test_the_estimate_counts_the_first_batch_once():
+    # A first batch of 5 s (compilation, say), then 1,000 positions a second.
+    clock, told = Clock(), []
+    pace = Pace(10_000, tell=told.append, clock=clock)
+    score_batches(pace, clock, [5.0, 6.0])
+    assert pace.estimate is None  # one steady batch is not seen whole until the next begins
+    score_batches(pace, clock, [7.0, 8.0])
+    assert told == [pace] and pace.estimate == 14.0 and pace.first == 5.0  # not 10 x 5 s
+    assert estimate_line("sliding", pace, 10_000) == "sliding: about 14 s for 10,000 tokens (first batch 5.0 s)"
+
+
+def test_a_training_mode_waits_for_an_update_before_estimating():
+    clock = Clock()
+    pace = Pace(10_000, trains=True, clock=clock)
+    score_batches(pace, clock, [5.0, 6.0, 7.0])
+    assert pace.estimate is None  # two steady seconds, but no update among them yet
+    clock.now = 7.5
+    pace.trained(0, 1000)  # an update costing 0.5 s, after the batch that ended at 7.0
+    score_batches(pace, clock, [8.5, 9.5])
+    # From the first batch's end (5.0, 1,000) to the batch after the update (8.5, 4,000).
+    assert pace.estimate == pytest.approx(5.0 + 9000 * 3.5 / 3000)
 
 
 def test_summary_says_which_rule_ended_training(packed):

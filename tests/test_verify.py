@@ -16,6 +16,7 @@ from conftest import run_pgbuild
 from rich.console import Console
 
 from builder.artifact.pack import PREAMBLE, ZIP_EPOCH, bootstrap_source
+from builder.judge.evaltime import overtime_warning, projected_seconds
 from builder.judge.recorder import is_padding
 from builder.judge.render import render_verify
 from builder.judge.verify import verify_artifact
@@ -151,6 +152,10 @@ def test_cli_verify_passes_the_real_artifact(artifact, demo_data):
     # LoRA: 512 positions of one document in chunks of 32, an adapter step after each but the last.
     assert lora["score_first"]["train_rows"] == 15 and lora["score_first"]["trained_positions"] == 480
     assert lora["single_pass"]["positions"] == 512 and lora["single_pass"]["never_scored"] == 0
+    # Each mode's plain evaluation is timed and projected to the full validation stream.
+    assert report["validation_positions"] > report["positions"] == 512
+    for mode in report["modes"].values():
+        assert 0 < mode["eval_seconds"] <= mode["projected_eval_seconds"] and mode["time_warning"] is None
     for mode in report["modes"].values():
         causal = mode["checks"]["causal"]
         assert len(causal["cuts"]) == 2 and all(c["mean_dnll_after"] > 0.1 for c in causal["cuts"])
@@ -218,8 +223,37 @@ def test_the_bundled_runtime_stays_private(honest):
 def test_bad_requests_are_one_line_errors(artifact, demo_data):
     bad = run_pgbuild("verify", artifact, "--data", demo_data, "--set", "eval.nonsense=1", check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --set") and "Traceback" not in bad.stderr
-    one_chunk = run_pgbuild("verify", artifact, "--data", demo_data, "--tokens", 300, check=False)
+    # A chunk the user chose is kept, so one that leaves a single chunk (no update) is refused.
+    one_chunk = run_pgbuild("verify", artifact, "--data", demo_data, "--tokens", 300, "--set",
+                            "eval.ttt_chunk_tokens=4096", check=False)
     assert one_chunk.returncode == 2 and "one TTT chunk" in one_chunk.stderr
+
+
+def test_a_prefix_shorter_than_a_ttt_chunk_gets_chunks_that_fit(artifact, demo_data):
+    proc = run_pgbuild("verify", artifact, "--data", demo_data, "--tokens", 300, "--mode", "ttt", "--probes", 1,
+                       "--json")
+    report = json.loads(proc.stdout)
+    # 300 tokens are two sequences of 128, 256 positions; the tiny preset's chunks are 4,096.
+    line = ("ttt: the 256 positions of --tokens 300 fit in one chunk of ttt_chunk_tokens 4,096; verifying with "
+            "chunks of 128 (2 chunks)")
+    assert line in proc.stderr.splitlines() and report["notes"] == [line]
+    assert report["ttt_chunk_tokens"] == report["eval"]["ttt_chunk_tokens"] == 128 and report["passed"]
+    score_first = report["modes"]["ttt"]["checks"]["score_first"]
+    assert score_first["train_rows"] == 1 and score_first["trained_positions"] == 128  # the update is checked
+
+
+def test_eval_time_projection_and_warning():
+    assert projected_seconds(10.0, 1000) == 10.0  # the full stream's length unknown: as measured
+    assert projected_seconds(10.0, 1000, 62_000) == 620.0
+    # The first batch's one-off 4 s count once; the other 6 s bought 900 positions, and 9,900 follow it.
+    assert projected_seconds(10.0, 1000, 10_000, first=(4.0, 100)) == pytest.approx(4.0 + 6.0 * 9900 / 900)
+    assert overtime_warning("ttt", 9.6, 1000, 62_000) is None  # 595 s: within the limit
+    assert overtime_warning("ttt", 10.0, 1000, 62_000) == (
+        "warning: ttt evaluation would take about 620 s on this machine (10.0 s for 1,000 tokens, scaled to the "
+        "full validation stream's 62,000), over the challenge's 600 s limit")
+    assert overtime_warning("lora", 700.0, None, where="the machine of run 7") == (
+        "warning: lora evaluation would take about 700 s on the machine of run 7 (700.0 s), over the challenge's "
+        "600 s limit")
 
 
 def test_only_rows_of_token_zero_alone_count_as_padding():

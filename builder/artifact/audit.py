@@ -10,7 +10,7 @@ see how far each codec is from its limit and which part of the model is worth sq
 The artifact is read as data only. It is a runnable program whose `__main__.py` would execute
 bundled code, and a file handed to an auditor must not be trusted: nothing here imports, execs or
 zipimports it. Checksums are verified through `runtime.artifact.Artifact` (which uses `zipfile`
-only), and the zip layout is read from the raw bytes with `struct`. Checksums prove integrity, not
+only), and audit_layout.py reads the zip layout from the raw bytes. Checksums prove integrity, not
 origin (a file rewritten whole recomputes them): builder/artifact/canonical.py compares its code with
 what this pgbuild writes.
 """
@@ -18,16 +18,15 @@ what this pgbuild writes.
 import hashlib
 import os
 import re
-import struct
-import zipfile
 from dataclasses import dataclass
 from math import prod
 
 import numpy as np
 
+from builder.artifact.audit_layout import layout_spans, open_verified, sections_from_spans
 from builder.artifact.canonical import code_report, submission_check
 from builder.quant.primitives import matrix_group
-from runtime.artifact import BOOTSTRAP, BUDGET_BYTES, MANIFEST, Artifact
+from runtime.artifact import BUDGET_BYTES
 from runtime.codec import decode_streams, decompress
 from runtime.errors import PgError
 
@@ -35,130 +34,7 @@ ROLES = ("container", "code", "manifest", "weights")
 GROUPS = ("embeddings", "attention", "mlp", "control")
 SPLIT_NOTE = ("proportional: each weight stream's compressed bytes are attributed to its tensors in "
               "proportion to their raw payload bytes in that stream (codes/values and row scales)")
-LOCAL_HEADER = b"PK\x03\x04"
-END_RECORD = b"PK\x05\x06"
-END_RECORD_SIZE = 22
-MAX_COMMENT = 0xFFFF
 LAYER = re.compile(r"blocks\.(\d+)\.")
-
-
-# ----------------------------------------------------------------------------- reading the file
-
-def open_verified(path):
-    """The artifact's bytes and a checksum-verified `Artifact`, or a one-line `PgError`."""
-    if not os.path.exists(path):
-        raise PgError(f"{path}: no such file; give the path of an artifact.py written by pgbuild")
-    if not os.path.isfile(path):
-        raise PgError(f"{path}: not a regular file; give the path of an artifact.py written by pgbuild")
-    with open(path, "rb") as f:
-        blob = f.read()
-    if not blob:
-        raise PgError(f"{path}: the file is empty; rebuild or re-download the artifact")
-    art = Artifact(path)
-    try:
-        art.verify()
-    except (KeyError, TypeError, AttributeError):
-        art.zip.close()
-        raise PgError(f"{path}: the manifest is malformed; this is not a pgbuild artifact") from None
-    except PgError:
-        art.zip.close()
-        raise
-    return blob, art
-
-
-def end_record(blob, path):
-    """Where the central directory starts, from the zip's end-of-central-directory record.
-
-    The preamble shifts every offset the zip stores, so the directory's true start is the end
-    record's position minus the directory size, as zipfile computes it too.
-    """
-    pos = blob.rfind(END_RECORD, max(0, len(blob) - END_RECORD_SIZE - MAX_COMMENT))
-    if pos < 0 or pos + END_RECORD_SIZE > len(blob):
-        raise PgError(f"{path}: no zip end record; the artifact is truncated or not a zip")
-    cd_size, _cd_offset, comment_len = struct.unpack("<LLH", blob[pos + 12:pos + END_RECORD_SIZE])
-    if cd_size == 0xFFFFFFFF:
-        raise PgError(f"{path}: zip64 archives are not pgbuild artifacts")
-    if pos + END_RECORD_SIZE + comment_len != len(blob):
-        raise PgError(f"{path}: bytes after the zip end record; the artifact was modified")
-    return pos - cd_size
-
-
-@dataclass
-class Span:
-    """A byte range of the file with the section it belongs to."""
-
-    section: str
-    role: str
-    start: int
-    size: int
-
-
-def member_role(name):
-    if name in (BOOTSTRAP, "runtime.xz"):
-        return "code"
-    if name == MANIFEST:
-        return "manifest"
-    return "weights" if name.startswith("w/") else "other"
-
-
-def member_spans(blob, infos, path):
-    """Local header and data span of every member, read from the bytes at each header offset."""
-    spans = []
-    for info in infos:
-        start = info.header_offset
-        if blob[start:start + 4] != LOCAL_HEADER:
-            raise PgError(f"{path}: member {info.filename} has no local header; the artifact is corrupt")
-        name_len, extra_len = struct.unpack("<HH", blob[start + 26:start + 30])
-        header = 30 + name_len + extra_len
-        spans.append(Span("zip local headers", "container", start, header))
-        spans.append(Span(info.filename, member_role(info.filename), start + header, info.compress_size))
-    return spans
-
-
-def tile(spans, file_size, path):
-    """Spans sorted, with any uncovered range made an explicit container gap, so that the
-    sections always sum to the file size; overlapping spans mean a malformed zip."""
-    out, cursor = [], 0
-    for span in sorted(spans, key=lambda s: s.start):
-        if span.start < cursor:
-            raise PgError(f"{path}: zip entries overlap; the artifact is corrupt")
-        if span.start > cursor:
-            out.append(Span("unaccounted gaps", "container", cursor, span.start - cursor))
-        out.append(span)
-        cursor = span.start + span.size
-    if cursor != file_size:
-        raise PgError(f"{path}: zip entries run past the end of the file; the artifact is truncated")
-    return out
-
-
-def layout_spans(blob, art, path):
-    """Every byte of the file assigned to a span: preamble, headers, members, directory."""
-    infos = sorted(art.zip.infolist(), key=lambda i: i.header_offset)
-    cd_start = end_record(blob, path)
-    if cd_start != art.zip.start_dir:
-        raise PgError(f"{path}: the zip directory is not where the end record says; the artifact is corrupt")
-    first = infos[0].header_offset if infos else cd_start
-    spans = [Span("preamble", "container", 0, first)] + member_spans(blob, infos, path)
-    spans.append(Span("central directory + end record", "container", cd_start, len(blob) - cd_start))
-    return tile(spans, len(blob), path)
-
-
-def sections_from_spans(spans, art):
-    """Spans merged by section name (the local headers become one section), in file order."""
-    sections = {}
-    for span in spans:
-        s = sections.setdefault(span.section, {"name": span.section, "role": span.role, "bytes": 0, "spans": 0})
-        s["bytes"] += span.size
-        s["spans"] += 1
-    methods = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
-    for info in art.zip.infolist():
-        s = sections[info.filename]
-        s.update(zip_method=methods.get(info.compress_type, str(info.compress_type)), uncompressed_bytes=info.file_size)
-    for s in sections.values():
-        if s["name"] == "zip local headers":
-            s["members"] = s["spans"]
-        del s["spans"]
-    return list(sections.values())
 
 
 # ----------------------------------------------------------------------------- weight streams
@@ -298,10 +174,9 @@ def attributed_bytes(manifest, refs, sections):
     return per_tensor
 
 
-def weight_breakdowns(manifest, refs, sections):
+def weight_breakdowns(manifest, refs, per_tensor):
     """(by_group, by_layer): tensors, parameters, raw payload and attributed compressed bytes."""
     tensors = manifest["tensors"]
-    per_tensor = attributed_bytes(manifest, refs, sections)
     raw = {}
     for r in refs:
         raw[r.tensor] = raw.get(r.tensor, 0) + r.nbytes
@@ -329,6 +204,38 @@ def _bucket():
     return {"tensors": 0, "params": 0, "raw_bytes": 0, "bytes": 0}
 
 
+def tensor_table(manifest, per_tensor):
+    """One row per tensor: its layer and kind (matrix group, else `control`), encoding, parameters,
+    and the compressed bytes attributed to it, codes and scales together, per parameter."""
+    rows = []
+    for i, t in enumerate(manifest["tensors"]):
+        params, stored = prod(t["shape"]), per_tensor.get(i, 0)
+        rows.append({"name": t["name"], "layer": tensor_layer(t["name"]), "kind": matrix_group(t["name"]) or "control",
+                     "enc": t["enc"], "params": params, "bytes": stored,
+                     "bits_per_param": stored * 8 / params if params else None})
+    return rows
+
+
+def bits_grid(tensors):
+    """What the allocator chose, as (rows, columns, bits): layers then `global`, by the matrix
+    kinds inside layers, `control`, then the kinds outside them (tok_emb, ...); bits per parameter
+    of each cell's tensors (None: no tensor)."""
+    layers = sorted({t["layer"] for t in tensors if t["layer"] != "global"}, key=int)
+    rows = layers + (["global"] if any(t["layer"] == "global" for t in tensors) else [])
+    inner = [t["kind"] for t in tensors if t["layer"] != "global" and t["kind"] != "control"]
+    columns = list(dict.fromkeys(inner + ["control"] + [t["kind"] for t in tensors]))
+    cells = {}
+    for t in tensors:
+        stored, params = cells.get((t["layer"], t["kind"]), (0, 0))
+        cells[t["layer"], t["kind"]] = stored + t["bytes"], params + t["params"]
+
+    def bits(row, column):
+        stored, params = cells.get((row, column), (0, 0))
+        return stored * 8 / params if params else None
+
+    return rows, columns, [[bits(r, c) for c in columns] for r in rows]
+
+
 # ----------------------------------------------------------------------------- the report
 
 def code_details(art, sections):
@@ -345,7 +252,8 @@ def audit_report(path, budget_bytes=BUDGET_BYTES, submission_path=None):
         sections = sections_from_spans(layout_spans(blob, art, path), art)
         manifest = art.manifest
         refs = stream_sections(manifest, art, sections)
-        by_group, by_layer = weight_breakdowns(manifest, refs, sections)
+        per_tensor = attributed_bytes(manifest, refs, sections)
+        by_group, by_layer = weight_breakdowns(manifest, refs, per_tensor)
         code_details(art, sections)
         code = code_report(art, blob[:min(i.header_offset for i in art.zip.infolist())])
     except (KeyError, TypeError, ValueError, IndexError) as e:
@@ -365,6 +273,7 @@ def audit_report(path, budget_bytes=BUDGET_BYTES, submission_path=None):
         "total_bytes": total, "budget_bytes": budget_bytes, "headroom": budget_bytes - total,
         "over_budget": total > budget_bytes, "sections": sections, "by_role": by_role,
         "by_group": by_group, "by_group_split": SPLIT_NOTE, "by_layer": by_layer,
+        "tensors": tensor_table(manifest, per_tensor),
         "metrics": manifest.get("metrics", {}), "model": manifest.get("model", {}),
         "recipe": manifest.get("recipe", {}), "provenance": manifest.get("provenance", {}),
         "tokenizer_sha256": manifest.get("tokenizer_sha256"),

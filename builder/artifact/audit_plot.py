@@ -2,15 +2,23 @@
 
 import os
 
+import numpy as np
+
+from builder.artifact.audit import bits_grid
 from runtime.errors import PgError
 from runtime.files import atomic_path
 
+HEATMAP_NOTE = ("a weight stream holds one matrix kind at one bit width;\nits compressed bytes are split over "
+                "its tensors by size")
+
 
 def write_plot(path, reports):
-    """A PNG of where the bytes go: a stacked bar per artifact by role against the budget, and
-    bars by tensor group and by layer. Uses the Agg canvas directly (no pyplot global state); the
-    directory must exist already (atomic_path would create it, hiding a mistyped --plot path)."""
+    """A PNG of where the bytes go: a stacked bar per artifact by role against the budget, bars by
+    tensor group, and per artifact a heat map of the bits per parameter each tensor got, layers by
+    matrix kind. Uses the Agg canvas directly (no pyplot global state); the directory must exist
+    already (atomic_path would create it, hiding a mistyped --plot path)."""
     try:
+        from matplotlib import colormaps
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
@@ -21,14 +29,21 @@ def write_plot(path, reports):
         raise PgError(f"{path}: is a directory; give a file name such as audit.png")
     if not os.path.isdir(os.path.dirname(path)):
         raise PgError(f"{os.path.dirname(path)}: no such directory for --plot")
-    fig = Figure(figsize=(12, 8), layout="constrained")
+    maps = [f"bits {i}" for i in range(len(reports))]
+    fig = Figure(figsize=(7 + 6 * len(reports), 9), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplot_mosaic([["roles", "roles"], ["group", "layer"]], height_ratios=[1, 2])
+    axes = fig.subplot_mosaic([["roles"] * (1 + len(reports)), ["group", *maps]], height_ratios=[1, 2])
     labels = [_label(r) for r in reports] if len(reports) == 1 else \
         [f"{tag}: {_label(r)}" for tag, r in zip("AB", reports)]
     _plot_roles(axes["roles"], reports, labels)
     _plot_buckets(axes["group"], reports, labels, "by_group", "weights by tensor group (proportional split)")
-    _plot_buckets(axes["layer"], reports, labels, "by_layer", "weights by layer (proportional split)")
+    grids = [bits_grid(r["tensors"]) for r in reports]
+    values = [b for _, _, bits in grids for row in bits for b in row if b is not None]
+    scale = dict(vmin=min(values, default=0), vmax=max(values, default=1),
+                 cmap=colormaps["viridis"].with_extremes(bad="white"))
+    for name, grid, label in zip(maps, grids, labels):
+        image = _plot_bits(axes[name], grid, label, scale)
+    fig.colorbar(image, ax=[axes[name] for name in maps], label="bits per parameter", shrink=0.8)
     with atomic_path(path, "plot") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
 
@@ -76,3 +91,21 @@ def _plot_buckets(ax, reports, labels, key, title):
     if len(reports) > 1:
         ax.legend(fontsize="small")
 
+
+
+def _plot_bits(ax, grid, label, scale):
+    """Layers (rows) by matrix kind (columns), coloured and labelled with bits per parameter."""
+    rows, columns, bits = grid
+    values = np.array([[np.nan if b is None else b for b in row] for row in bits], dtype=float).reshape(
+        len(rows), len(columns))
+    image = ax.imshow(values, aspect="auto", **scale)
+    middle = (scale["vmin"] + scale["vmax"]) / 2
+    for (r, c), value in np.ndenumerate(values):
+        if not np.isnan(value):
+            ax.text(c, r, f"{value:.1f}", ha="center", va="center", fontsize="x-small",
+                    color="black" if value > middle else "white")
+    ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), [f"layer {r}" if r.isdigit() else r for r in rows])
+    ax.set_title(f"{label}: compressed bits per parameter\n(codes + scales) by layer and matrix", fontsize="medium")
+    ax.set_xlabel(HEATMAP_NOTE, fontsize="small")
+    return image

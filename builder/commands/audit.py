@@ -26,7 +26,8 @@ def report_console():
 @click.option("--json", "as_json", is_flag=True, help="print the report as one JSON object instead of tables")
 @click.option("--compare", "other", type=click.Path(),
               help="a second artifact to show side by side (deltas = OTHER - ARTIFACT)")
-@click.option("--plot", "plot_path", type=click.Path(), help="write a PNG of where the bytes go")
+@click.option("--plot", "plot_path", type=click.Path(), help="write a PNG of where the bytes go: by role, by "
+              "tensor group, and a heat map of each tensor's compressed bits per parameter, layers by matrix")
 @click.option("--budget-bytes", type=click.IntRange(min=1), default=BUDGET_BYTES, show_default=True,
               help="the size limit the headroom is measured against")
 @click.option("--submission", "submission_path", type=click.Path(dir_okay=False),

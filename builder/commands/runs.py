@@ -73,13 +73,19 @@ def compare_command(group_a, metric, min_nats, alpha, as_json):
 @click.option("--github-id", help="GitHub id for submission.json")
 @click.option("--track", default="10min_16mb", show_default=True, help="records track")
 @click.option("--budget-bytes", default=BUDGET_BYTES, show_default=True, help="size limit the compliance flags check")
+@click.option("--data", type=click.Path(), help="dataset directory: the runs' evaluation times, measured on a "
+              "prefix, are scaled to its full validation stream for the time-limit warning")
 @click.option("--json", "as_json", is_flag=True, help="print the submission as one JSON object")
-def record(artifact, run_options, more_runs, out, metric, name, author, github_id, track, budget_bytes, as_json):
+def record(artifact, run_options, more_runs, out, metric, name, author, github_id, track, budget_bytes, data,
+           as_json):
     """Write a records folder (README.md with the per-seed results table, submission.json, the
     train logs and the artifact) following the challenge's submission checklist. `--runs R1 R2 R3`
-    takes every run listed after it."""
+    takes every run listed after it. A run whose evaluation would take over 600 s gets a warning."""
     result = write_record(artifact, list(run_options) + list(more_runs), out, metric, name, author, github_id,
-                          track, budget_bytes)
+                          track, budget_bytes, data)
+    err = Console(stderr=True)
+    for line in result["warnings"]:
+        err.print(line, markup=False, highlight=False, soft_wrap=True)
     if as_json:
         click.echo(json.dumps(result))
         return

@@ -18,7 +18,7 @@ from builder.progress import scoring_progress
 @click.argument("artifact", type=click.Path())
 @click.option("--data", required=True, type=click.Path(), help="dataset directory (pgbuild or challenge layout)")
 @click.option("--tokens", type=click.IntRange(min=2), help="validation prefix to score (default: three TTT chunks, "
-              "at least four sequences)")
+              "at least four sequences; a shorter one gets TTT chunks that fit it)")
 @click.option("--mode", "modes", multiple=True,
               help="eval mode to verify (repeatable; default: every mode the artifact has)")
 @click.option("--set", "assignments", multiple=True, metavar="eval.FIELD=VALUE",
@@ -32,14 +32,17 @@ from builder.progress import scoring_progress
 def verify(artifact, data, tokens, modes, assignments, probes, atol, tokenizer, device, as_json):
     """Run ARTIFACT's own evaluation code and check the four legality conditions (causal,
     normalized, score before update, single pass) in every eval mode. This EXECUTES the artifact's
-    bundled code (unlike `audit`). Exit status 0 only if every check passes."""
+    bundled code (unlike `audit`). Exit status 0 only if every check passes; a mode whose plain
+    evaluation, projected to the full validation stream, would take over 600 s here gets a warning."""
     err = Console(stderr=True)
+
+    def say(line):
+        err.print(line, markup=False, highlight=False, soft_wrap=True)
+
     with scoring_progress(not as_json, err) as track:
         report = verify_artifact(artifact, data, tokens, modes, assignments, probes, device, atol, tokenizer,
                                  progress=(lambda _: None) if as_json else (lambda m: err.print(f"[dim]{m}[/]")),
-                                 on_mode=lambda mode, result: err.print(verdict(mode, result), markup=False,
-                                                                        highlight=False, soft_wrap=True),
-                                 track=track)
+                                 on_mode=lambda mode, result: say(verdict(mode, result)), track=track, note=say)
     if as_json:
         click.echo(json.dumps(report))
     else:

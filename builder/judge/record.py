@@ -9,6 +9,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
+from builder.judge.evaltime import run_warnings, validation_positions
 from builder.judge.runs import load_run
 from builder.judge.stats import mean_std
 from runtime.artifact import BUDGET_BYTES, Artifact
@@ -158,8 +159,10 @@ def _fill(folder, artifact, run_list):
 
 
 def write_record(artifact, run_paths, out, metric="ttt_bpb", name=None, author=None, github_id=None,
-                 track="10min_16mb", budget=BUDGET_BYTES):
-    """Build the records folder in a temporary directory beside `out`, then rename it into place."""
+                 track="10min_16mb", budget=BUDGET_BYTES, data=None):
+    """Build the records folder in a temporary directory beside `out`, then rename it into place.
+    The result's `warnings` name the runs' evaluations that would run past the time limit, their
+    times scaled to the full validation stream of `data` when it is given."""
     out = os.path.abspath(out)
     if os.path.exists(out):
         raise PgError(f"{out}: already exists; choose a new --out (a records folder is written once)")
@@ -172,6 +175,9 @@ def write_record(artifact, run_paths, out, metric="ttt_bpb", name=None, author=N
     if len(set(labels)) != len(labels):
         raise PgError(f"runs share a seed ({', '.join(labels)}); a record reports one run per seed")
     mean, std = mean_std([r.value(metric) for r in run_list])
+    full = validation_positions(data, art.manifest["model"]["vocab_size"], art.manifest["eval"]["seq_len"]) \
+        if data else None
+    warnings = [w for r in run_list for w in run_warnings(r, full)]
     digest = file_sha256(artifact)
     of_runs = [r.label for r in run_list if r.artifact and file_sha256(r.artifact) == digest]
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -190,4 +196,4 @@ def write_record(artifact, run_paths, out, metric="ttt_bpb", name=None, author=N
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"out": out, "files": files, **sub}
+    return {"out": out, "files": files, "warnings": warnings, **sub}

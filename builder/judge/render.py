@@ -35,11 +35,13 @@ def verdict(mode, result):
 
 def verdict_table(results):
     table = Table(title="verdicts")
-    for column in ("mode", "verdict", "val_bpb", "uniform bpb", "unigram bpb", "seconds"):
+    for column in ("mode", "verdict", "val_bpb", "uniform bpb", "unigram bpb", "seconds", "full eval s (projected)"):
         table.add_column(column, justify="left" if column in ("mode", "verdict") else "right")
     for mode, r in results.items():
+        projected = f"{r['projected_eval_seconds']:,.0f}"
         table.add_row(mode, "[green]PASS[/]" if r["passed"] else "[bold red]FAIL[/]", f"{r['val_bpb']:.5f}",
-                      f"{r['uniform_bpb']:.4f}", f"{r['unigram_bpb']:.4f}", f"{r['seconds']:.1f}")
+                      f"{r['uniform_bpb']:.4f}", f"{r['unigram_bpb']:.4f}", f"{r['seconds']:.1f}",
+                      projected if not r["time_warning"] else f"[bold red]{projected}[/]")
     return table
 
 

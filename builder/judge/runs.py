@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from builder.judge.stats import mean_std, welch_one_sided
 from builder.rundir import LOG, SUMMARY
 from runtime.artifact import Artifact
+from runtime.config import MODES
 from runtime.errors import PgError
 
 MIN_NATS = 0.005
@@ -47,6 +48,10 @@ class Run:
     summary: dict
     logs: tuple
     """Training logs in the run folder."""
+    eval_seconds: dict
+    """Build-time evaluation seconds by mode, measured on `eval_tokens` positions."""
+    eval_tokens: int
+    """Positions the build-time evaluation scored (None when the source does not say)."""
 
     def value(self, metric):
         if metric not in self.figures:
@@ -62,6 +67,13 @@ class Run:
 def _figures(table):
     return {k: float(v) for k, v in table.items()
             if k.endswith("_bpb") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def _timings(table):
+    """(seconds by mode, positions scored) of a run's build-time evaluation."""
+    seconds = {m: float(table[f"{m}_seconds"]) for m in MODES if isinstance(table.get(f"{m}_seconds"), (int, float))}
+    tokens = table.get("eval_tokens")
+    return seconds, tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else None
 
 
 def _read_json(path):
@@ -90,24 +102,24 @@ def run_from_folder(folder):
     if not os.path.isfile(path):
         raise PgError(f"{folder}: no {SUMMARY}; run folders are written by `pgbuild train-and-pack --run-dir DIR`")
     summary = _read_json(path)
-    figures = _figures(summary)
+    figures, table = _figures(summary), summary
     if isinstance(summary.get("metrics"), dict):
         figures = {**_figures(summary["metrics"]), **figures}
+        table = {**summary["metrics"], **summary}
     provenance = summary.get("provenance") if isinstance(summary.get("provenance"), dict) else {}
     seed = summary.get("seed", provenance.get("seed"))
     artifact = _find_artifact(summary.get("path"), folder)
     size = os.path.getsize(artifact) if artifact else summary.get("bytes")
     logs = sorted({*glob.glob(os.path.join(folder, LOG)), *glob.glob(os.path.join(folder, "*.log"))})
-    return Run(folder, seed, figures, size, artifact, summary, tuple(logs))
+    return Run(folder, seed, figures, size, artifact, summary, tuple(logs), *_timings(table))
 
 
 def run_from_artifact(path):
     art = Artifact(path).verify()
     art.zip.close()
     manifest = art.manifest
-    provenance = manifest.get("provenance") or {}
-    return Run(path, provenance.get("seed"), _figures(manifest.get("metrics") or {}), os.path.getsize(path), path,
-               {}, ())
+    provenance, metrics = manifest.get("provenance") or {}, manifest.get("metrics") or {}
+    return Run(path, provenance.get("seed"), _figures(metrics), os.path.getsize(path), path, {}, (), *_timings(metrics))
 
 
 def load_run(path):
