@@ -119,29 +119,35 @@ def quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, eval_m
     with watch("hessians"):  # every rank forwards its share of the calibration batches
         hessians = collect_hessians(model, layout, qcfg, tcfg.seq_len, ctx.device, tcfg.seed, ctx.rank, ctx.world)
     if ctx.is_main:
-        probe = None
-        if qcfg.allocation == "rd" and qcfg.probe_tokens:
-            probe = LossProbe(model, layout, tcfg.seq_len, qcfg.probe_tokens, ctx.device, tcfg.seed)
-        quantizer = Quantizer(model.state_dict(), hessians, qcfg, probe)
-        compressor = StreamCompressor(qcfg.codecs, qcfg.reorder_groups)
+        # A refusal on rank 0 (no fit, an unwritable --out, over time) travels with the blob, so
+        # every rank raises it together instead of the others waiting in the broadcast.
+        try:
+            probe = None
+            if qcfg.allocation == "rd" and qcfg.probe_tokens:
+                probe = LossProbe(model, layout, tcfg.seq_len, qcfg.probe_tokens, ctx.device, tcfg.seed)
+            quantizer = Quantizer(model.state_dict(), hessians, qcfg, probe)
+            compressor = StreamCompressor(qcfg.codecs, qcfg.reorder_groups)
 
-        def pack(plan, metrics=None, stage="compress"):
-            """The artifact for `plan`; the fit packs without figures, the final pack ("repack",
-            off the clock) with the figures measured on the fitted weights, its streams from the
-            compressor's cache."""
-            encoded = quantizer.encode_all(plan)
-            with watch(stage):
-                return build_artifact(encoded, {**info, "metrics": metrics or {}}, compressor)
+            def pack(plan, metrics=None, stage="compress"):
+                """The artifact for `plan`; the fit packs without figures, the final pack ("repack",
+                off the clock) with the figures measured on the fitted weights, its streams from the
+                compressor's cache."""
+                encoded = quantizer.encode_all(plan)
+                with watch(stage):
+                    return build_artifact(encoded, {**info, "metrics": metrics or {}}, compressor)
 
-        report("quantizing (GPTQ + SDClip) and packing")
-        fit = allocate if qcfg.allocation == "rd" else fit_budget
-        with watch("gptq", exclude="compress"):
-            plan, blob = fit(quantizer, pack, qcfg.budget_bytes, METRICS_RESERVE_BYTES, report)
-        with watch("serialize"):
-            write_atomic(out, blob, "artifact", mode=0o755)
-        report(describe(watch.seconds, tcfg.max_wallclock_seconds, tcfg.time_rule, prov.get("steps"),
-                        tcfg.iterations))
-        refusal = None if allow_overtime else overtime(watch.seconds, tcfg.max_wallclock_seconds, tcfg.time_rule)
+            report("quantizing (GPTQ + SDClip) and packing")
+            fit = allocate if qcfg.allocation == "rd" else fit_budget
+            with watch("gptq", exclude="compress"):
+                plan, blob = fit(quantizer, pack, qcfg.budget_bytes, METRICS_RESERVE_BYTES, report)
+            with watch("serialize"):
+                write_atomic(out, blob, "artifact", mode=0o755)
+            report(describe(watch.seconds, tcfg.max_wallclock_seconds, tcfg.time_rule, prov.get("steps"),
+                            tcfg.iterations))
+            if not allow_overtime:
+                refusal = overtime(watch.seconds, tcfg.max_wallclock_seconds, tcfg.time_rule)
+        except PgError as e:
+            refusal = str(e)
     if ctx.world > 1:
         shared = [blob, refusal]
         dist.broadcast_object_list(shared, src=0)

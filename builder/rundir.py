@@ -22,7 +22,8 @@ is killed) never sees half a file.
     file), each estimated stage's `<stage>_estimate_seconds`, `artifact_production_wallclock`
     (every second until the artifact exists), `counted_seconds` (the stages `time_rule` counts),
     `wallclock_limit_seconds`, `within_wallclock`, `eval_seconds` (after the artifact is written,
-    off the clock), and `stopped_by` (`step cap` or `wallclock`: which rule ended training);
+    off the clock), `repack_seconds` (rewriting it with the figures, off the clock too), and
+    `stopped_by` (`step cap` or `wallclock`: which rule ended training);
   - provenance: `seed`, `steps`, `world_size`, `weights` (ema / swa / last), `reserve_seconds`,
     `setup_seconds` (compile warmup and reserve estimate, off the clock), `compilations` (graphs
     torch.compile built for the training forward; 0 when eager), `pgbuild_commit`,

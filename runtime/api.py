@@ -40,7 +40,7 @@ def load_tokenizer(path, manifest, force):
     return sp
 
 
-def load_validation(data, manifest, tokenizer, force, max_tokens, seq_len):
+def load_validation(data, manifest, tokenizer, max_tokens, seq_len, *, force=False):
     """(validation tokens, tokenizer) of the dataset directory `data`: its first `max_tokens`
     validation tokens (all when None) trimmed to whole seq_len sequences, and the tokenizer
     `tokenizer` or else the one under `data`, checked as load_tokenizer checks it."""

@@ -104,8 +104,8 @@ def run_eval(args, manifest, read_member):
         cfg = dataclasses.replace(cfg, stride=args.stride)
     if args.compile:
         cfg = dataclasses.replace(cfg, compile=True)
-    tokens, sp = load_validation(args.data, manifest, args.tokenizer, args.force_tokenizer, args.max_val_tokens,
-                                 cfg.seq_len)
+    tokens, sp = load_validation(args.data, manifest, args.tokenizer, args.max_val_tokens, cfg.seq_len,
+                                 force=args.force_tokenizer)
     vocab = manifest["model"]["vocab_size"]
     model = load_model(manifest, read_member, device)
     tables = byte_tables(sp, vocab)

@@ -13,8 +13,11 @@ from .errors import PgError
 
 
 def file_sha256(path):
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+        for block in iter(lambda: f.read(1 << 20), b""):  # checkpoints run to hundreds of MB
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -32,7 +35,7 @@ def atomic_path(path, what="file"):
         yield tmp
         os.replace(tmp, path)
     except OSError as e:
-        raise PgError(f"{path}: cannot write the {what} ({e.strerror or e})") from None
+        raise PgError(f"{path}: failed while writing the {what} ({e.strerror or e})") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -13,8 +13,11 @@ import time
 
 STEADY_SECONDS = 1.0
 """Steady scoring observed before estimating, unless the first batch itself was quicker."""
-NEW_FORWARD = 0.01
-"""A pause in the scores longer than this share of the first batch means a new forward began."""
+NEW_FORWARD = 1e-3
+"""A pause in the scores longer than this many seconds means a new forward began: the calls of
+one forward's rows come microseconds apart, and no forward of a real batch takes under a
+millisecond. (Not a share of the first batch: that one carries compilation and start-up, which
+can make it a thousand times a steady forward.)"""
 
 
 class Pace:
@@ -42,7 +45,7 @@ class Pace:
         now = self.clock()
         if self.first is None:
             self.first = now - self.start
-        elif now - self.last > self.first * NEW_FORWARD:  # the previous forward's scores have all come
+        elif now - self.last > NEW_FORWARD:  # the previous forward's scores have all come
             if self.mark is None:
                 self.mark = (self.last, self.done)
             elif self.estimate is None and self._representative(self.last):

@@ -32,7 +32,7 @@ def test_a_failure_inside_the_block_leaves_neither_file(tmp_path):
 
 def test_an_unwritable_place_is_one_line_and_no_file(tmp_path):
     (tmp_path / "a_file").write_bytes(b"")
-    with pytest.raises(PgError, match="cannot write the plot"):
+    with pytest.raises(PgError, match="failed while writing the plot"):
         write_atomic(tmp_path / "a_file" / "x.png", b"x", "plot")  # a file where a folder should be
     assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
 

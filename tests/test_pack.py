@@ -59,12 +59,13 @@ def test_packing_is_deterministic(quantized):
 
 def test_parallel_compression_gives_the_same_bytes(quantized):
     def make(workers):
-        compressor = StreamCompressor(("brotli", "lzma", "rans"), reorder_groups=("mlp", "attn"), workers=workers)
+        compressor = StreamCompressor(("brotli", "lzma", "rans"), reorder_groups=("mlp", "attn"), workers=workers,
+                                      parallel_min_bytes=0)
         return build_artifact(quantized, INFO, compressor), compressor
 
     assert make(3)[0] == make(1)[0]
     raws = [bytes(np.random.default_rng(seed).integers(-3, 4, 5000, dtype=np.int8)) for seed in range(3)]
-    parallel = StreamCompressor(("brotli", "rans"), workers=2)
+    parallel = StreamCompressor(("brotli", "rans"), workers=2, parallel_min_bytes=0)
     parallel.prefetch(raws + raws[:1])
     assert len(parallel._cache) == 3  # compressed by the workers, once each
     assert [parallel(raw) for raw in raws] == [StreamCompressor(("brotli", "rans"), workers=1)(raw) for raw in raws]

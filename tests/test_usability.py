@@ -100,6 +100,20 @@ def test_the_estimate_counts_the_first_batch_once():
     assert estimate_line("sliding", pace, 10_000) == "sliding: about 14 s for 10,000 tokens (first batch 5.0 s)"
 
 
+def test_fast_forwards_after_a_slow_compiled_first_batch_are_told_apart():
+    # A GPU's picture: 3 s of compilation, then 20 ms forwards, 100 positions each; one forward's
+    # row calls arrive 10 us apart. (Judged against 1% of the first batch, 30 ms, every pause
+    # looked like the same forward and no estimate ever came.)
+    clock, told = Clock(), []
+    pace = Pace(100_000, tell=told.append, clock=clock)
+    for t in [3.0 + 0.02 * k for k in range(60)]:
+        for row in range(10):
+            clock.now = t + row * 1e-5
+            pace(pace.done, pace.done + 10)
+    assert told == [pace] and pace.first_batch[1] == 100
+    assert pace.estimate == pytest.approx(3.0 + 99_900 / 5000, rel=0.01)  # 5,000 positions a second
+
+
 def test_a_training_mode_waits_for_an_update_before_estimating():
     clock = Clock()
     pace = Pace(10_000, trains=True, clock=clock)

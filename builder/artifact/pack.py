@@ -13,9 +13,9 @@ import hashlib
 import io
 import json
 import multiprocessing
-import os
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from importlib import resources
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from builder.quant.primitives import matrix_group
 from runtime.artifact import BOOTSTRAP, MANIFEST
 from runtime.codec import LZMA_FILTERS, byte_shuffle
 from runtime.codec import compress as lz_compress
+from runtime.threads import free_cores
 
 FORMAT_VERSION = 1
 EXTENSIONS = {"brotli": "br", "lzma": "xz", "rans": "rans"}
@@ -111,6 +112,10 @@ def compress(codec, raw):
     return rans_encode(raw) if codec == "rans" else lz_compress(codec, raw)
 
 
+PARALLEL_MIN_BYTES = 1 << 20
+"""Below this much raw data a pool costs more than it saves."""
+
+
 def _compress_job(job):
     """One worker's job: (codec, data) of one stream under one codec."""
     codec, raw = job
@@ -125,10 +130,11 @@ class StreamCompressor:
     process may use). Packing is rank 0's job while the other ranks wait, so the host's cores are
     free; the bytes are the same as compressing one stream after another."""
 
-    def __init__(self, codecs, reorder_groups=(), workers=None):
+    def __init__(self, codecs, reorder_groups=(), workers=None, parallel_min_bytes=PARALLEL_MIN_BYTES):
         self.codecs = tuple(codecs)
         self.reorder_groups = tuple(reorder_groups)
-        self.workers = workers or len(os.sched_getaffinity(0))
+        self.workers = workers or free_cores()
+        self.parallel_min_bytes = parallel_min_bytes
         self._cache = {}
         self.row_orders = RowOrders()
 
@@ -149,14 +155,19 @@ class StreamCompressor:
             if key not in self._cache:
                 todo.setdefault(key, raw)
         jobs = [(codec, raw) for raw in todo.values() for codec in self.codecs]
-        if self.workers < 2 or len(jobs) < 2:
+        # fork: the workers need only this module's numpy and stdlib codecs, and start at once
+        # (where there is no fork, and for small work, the streams are compressed in turn).
+        if self.workers < 2 or sum(len(raw) for raw in todo.values()) < self.parallel_min_bytes \
+                or "fork" not in multiprocessing.get_all_start_methods():
             return
-        # One job per stream and codec, largest first, so the longest jobs start at once. fork:
-        # the workers need only this module's numpy and stdlib codecs, and start immediately.
+        # One job per stream and codec, largest first, so the longest jobs start at once.
         order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i][1]))
-        context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(min(self.workers, len(jobs)), mp_context=context) as pool:
-            done = dict(zip(order, pool.map(_compress_job, [jobs[i] for i in order])))
+        try:
+            context = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(min(self.workers, len(jobs)), mp_context=context) as pool:
+                done = dict(zip(order, pool.map(_compress_job, [jobs[i] for i in order])))
+        except BrokenProcessPool:  # a worker was killed (out of memory, say): compress in turn instead
+            return
         for n, key in enumerate(todo):
             self._keep_smallest(key, [done[n * len(self.codecs) + c] for c in range(len(self.codecs))])
 

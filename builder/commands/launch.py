@@ -53,6 +53,8 @@ def run_launcher(cmd):
         else:
             sys.stderr.write(line)
     if proc.wait() == 0:
+        if refusal:  # not a refusal after all (nothing failed): the line was output like any other
+            sys.stderr.write(refusal)
         return 0
     return refuse(refusal[len("error: "):].rstrip() if refusal else
                   f"a process under torchrun failed (exit status {proc.returncode}); its output is above")

@@ -5,6 +5,7 @@ import json
 import click
 from rich.console import Console
 
+from builder.commands.group import PgGroup
 from builder.judge.record import write_record
 from builder.judge.render import render_runs_compare
 from builder.judge.runs import ALPHA, MIN_NATS, compare, load_run
@@ -37,7 +38,7 @@ class _SplitAtDoubleDash(click.Command):
         return super().parse_args(ctx, head)
 
 
-@click.group()
+@click.group(cls=PgGroup)
 def runs():
     """Compare groups of runs (run folders or artifacts)."""
 

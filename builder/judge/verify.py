@@ -119,7 +119,7 @@ def load_stream(data, manifest, tokenizer, max_tokens, seq_len):
     from runtime.api import load_validation
     from runtime.evaluate import byte_tables
 
-    tokens, sp = load_validation(data, manifest, tokenizer, False, max_tokens, seq_len)
+    tokens, sp = load_validation(data, manifest, tokenizer, max_tokens, seq_len)
     return tokens, sp, byte_tables(sp, manifest["model"]["vocab_size"])
 
 

@@ -105,7 +105,8 @@ class TrainResult:
 
 
 class Trainer:
-    """One model, its optimizers, weight averages and batches: `step` runs one optimizer step."""
+    """One model, its optimizers, weight averages and batches: `step` runs one optimizer step,
+    `train` the whole loop against the step cap and the wallclock budget."""
 
     def __init__(self, preset, layout, ctx):
         self.created_at = time.perf_counter()  # setup (model, compile wrappers) is off the clock
@@ -234,11 +235,13 @@ class Trainer:
         self.model.looping = True
 
     def clock_may_bind(self, budget):
-        """Whether the wallclock, not the step cap, may end this run: from the second step, the
-        pace so far projects the cap past half the budget. (Every rank sees rank 0's clock.)"""
-        return self.steps >= 2 and self.elapsed / self.steps * self.cfg.iterations > budget / 2
+        """Whether the wallclock, not the step cap, may end this run: the pace so far projects
+        the cap past half the budget. Asked once, at the second step of a session: a run
+        projected under half its budget stays under the whole even if its steps later slow
+        down twofold (depth recurrence switching on). (Every rank sees rank 0's clock.)"""
+        return self.elapsed / self.steps * self.cfg.iterations > budget / 2
 
-    def reserve_seconds(self, report):
+    def measured_reserve(self, report):
         """The larger of train.reserve_seconds and the measured estimate of the post-training
         stages the time rule counts (taken on rank 0, shared with every rank)."""
         cfg, ctx = self.cfg, self.ctx
@@ -265,7 +268,7 @@ class Trainer:
             self.prime_compilation()
         estimate_due = cfg.auto_reserve
         if estimate_due and self.estimate is not None:  # resumed: measured before
-            self.reserve, estimate_due = self.reserve_seconds(report), False
+            self.reserve, estimate_due = self.measured_reserve(report), False
         else:
             self.reserve = cfg.reserve_seconds
         self.setup_seconds = time.perf_counter() - self.created_at
@@ -283,12 +286,14 @@ class Trainer:
             loss_sum = self.step(sched)
             self.steps += 1
             self.elapsed = elapsed_before + from_rank0(time.perf_counter() - session_start, ctx)
-            if estimate_due and self.clock_may_bind(budget):
-                paused = time.perf_counter()
-                self.reserve, estimate_due = self.reserve_seconds(report), False
-                budget = max(cfg.max_wallclock_seconds - self.reserve, 1e-9)
-                self.setup_seconds += time.perf_counter() - paused
-                session_start += time.perf_counter() - paused  # the estimate is off the clock
+            if estimate_due and self.steps >= 2:
+                estimate_due = False
+                if self.clock_may_bind(budget):
+                    paused = time.perf_counter()
+                    self.reserve = self.measured_reserve(report)
+                    budget = max(cfg.max_wallclock_seconds - self.reserve, 1e-9)
+                    self.setup_seconds += time.perf_counter() - paused
+                    session_start += time.perf_counter() - paused  # the estimate is off the clock
             frac = max(self.steps / cfg.iterations, self.elapsed / budget)
             if self.averages.update(self.model, self.steps, frac):
                 report(f"step {self.steps}: SWA started (a snapshot every {cfg.swa_every} steps)")
