@@ -220,3 +220,10 @@ def test_cli_bad_vocab(tmp_path, vocab, fragment):
                                        "--val-docs", "10", "--vocab-size", vocab])
     assert_one_line_error(result, fragment)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_shard_that_cannot_be_put_in_place_is_one_line(tmp_path):
+    out = tmp_path / "out"
+    (out / "fineweb_val_000000.bin").mkdir(parents=True)  # a folder where the first shard goes
+    result = run_build("--input", FIXTURE, "--out", str(out), "--val-docs", "10")
+    assert_one_line_error(result, "fineweb_val_000000.bin", "cannot put the built file in place")

@@ -216,7 +216,10 @@ def _publish(staging, out_dir, files):
     final = []
     for path in files:
         dest = os.path.join(out_dir, os.path.basename(path))
-        os.replace(path, dest)
+        try:
+            os.replace(path, dest)
+        except OSError as e:
+            raise PgError(f"{dest}: cannot put the built file in place ({e.strerror or e})") from None
         final.append(dest)
     for stale in glob.glob(os.path.join(out_dir, "fineweb_*_*.bin")):
         if stale not in final:
