@@ -7,6 +7,7 @@ figures are those of the file that gets written. Every stage is timed, and the s
 the wallclock limit went (builder/timebudget.py).
 """
 
+import contextlib
 import copy
 import io
 import pickle
@@ -18,14 +19,14 @@ import torch.distributed as dist
 from builder.artifact.budget import allocate, fit_budget, measured_bytes
 from builder.artifact.pack import StreamCompressor, build_artifact
 from builder.config import Preset
-from builder.progress import scoring_progress
 from builder.quant.calibration import LossProbe, collect_hessians
 from builder.quant.policy import Quantizer
 from builder.timebudget import Stopwatch, describe, overtime, stop_rule, timing_summary
 from runtime.api import load_model
 from runtime.artifact import Artifact
 from runtime.baselines import baselines
-from runtime.data import load_tokens
+from runtime.config import MODES
+from runtime.data import find_data, load_tokens
 from runtime.distributed import Ranks
 from runtime.errors import PgError
 from runtime.evaluate import byte_tables, evaluate, trim_stream
@@ -72,6 +73,34 @@ def load_checkpoint(path, device):
     return model.to(device), preset, ckpt["provenance"]
 
 
+def prepare_data(data, preset):
+    """The dataset at `data` (runtime/data.py), checked before training rather than after: its
+    tokenizer matches the model's vocabulary and there are validation shards to score."""
+    import sentencepiece as spm
+
+    layout = find_data(data, preset.model.vocab_size)
+    pieces = spm.SentencePieceProcessor(model_file=layout.tokenizer).get_piece_size()
+    if pieces != preset.model.vocab_size:
+        raise PgError(f"{layout.tokenizer}: tokenizer has {pieces} pieces but model.vocab_size is "
+                      f"{preset.model.vocab_size}; pass --set model.vocab_size={pieces}")
+    layout.shards("val")
+    return layout
+
+
+def parse_modes(text):
+    """`--eval-modes standard,ttt` as a list of modes."""
+    modes = [m for m in text.split(",") if m]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        raise PgError(f"--eval-modes: unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}")
+    return modes
+
+
+@contextlib.contextmanager
+def no_progress():
+    yield None
+
+
 def val_stream(layout, preset, max_tokens):
     return trim_stream(load_tokens(layout, "val", max_tokens), preset.eval.seq_len)
 
@@ -101,16 +130,18 @@ def measure(model, blob, layout, preset, device, tokens, modes, track=None):
 
 
 def quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, eval_modes, report=print,
-                      show_progress=True, allow_overtime=False):
+                      progress=no_progress, allow_overtime=False, code=None):
     """Hessians -> GPTQ -> budget fit -> artifact at `out` -> measured figures, written into its
     manifest; returns its figures and size. Every rank calls this; rank 0 quantizes and writes.
+    `progress()` is a context yielding measure's `track` (builder/progress.py) or None; `code` is
+    the code the artifact carries (builder/artifact/code.py; default: this pgbuild's).
 
     The clock (builder/timebudget.py) stops when the artifact is first written; the build-time
     evaluation runs after, off the clock, and the file is then rewritten with the figures in its
     manifest (same weights and code; METRICS_RESERVE_BYTES kept room for them)."""
     qcfg, tcfg = preset.quant, preset.train
     tokens = val_stream(layout, preset, eval_tokens)  # a bad --eval-tokens fails now, not after GPTQ
-    info = {"model": preset.model.to_dict(), "eval": preset.eval.to_dict(),
+    info = {"model": preset.model.to_dict(), "eval": preset.eval.to_dict(), "train": tcfg.to_dict(),
             "tokenizer_sha256": file_sha256(layout.tokenizer),
             "recipe": {"method": "gptq+sdclip", **qcfg.to_dict()}, "provenance": prov}
     blob = plan = refusal = None
@@ -134,7 +165,7 @@ def quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, eval_m
                 compressor's cache."""
                 encoded = quantizer.encode_all(plan)
                 with watch(stage):
-                    return build_artifact(encoded, {**info, "metrics": metrics or {}}, compressor)
+                    return build_artifact(encoded, {**info, "metrics": metrics or {}}, compressor, code)
 
             report("quantizing (GPTQ + SDClip) and packing")
             fit = allocate if qcfg.allocation == "rd" else fit_budget
@@ -155,7 +186,7 @@ def quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, eval_m
     if refusal:
         raise PgError(refusal)
     report("measuring bpb at build time (after the artifact is written: off the clock)")
-    with watch("eval"), scoring_progress(show_progress and ctx.is_main) as track:
+    with watch("eval"), (progress() if ctx.is_main else no_progress()) as track:
         metrics = measure(model, blob, layout, preset, ctx.device, tokens, eval_modes, track)
     if not ctx.is_main:
         return None

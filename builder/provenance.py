@@ -19,9 +19,13 @@ def pgbuild_version():
 
 
 def git_commit():
-    """pgbuild's commit, or None outside a git checkout."""
+    """pgbuild's commit, or None outside a git checkout (and inside an artifact, whose bundled
+    modules have no file)."""
+    here = globals().get("__file__")
+    if here is None:
+        return None
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(here).parent, capture_output=True,
                              text=True, timeout=10)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):

@@ -1,7 +1,8 @@
 """Reading an artifact: a text preamble followed by a zip archive.
 
 Members: `__main__.py` (the bootstrap, which holds the manifest's SHA-256), `manifest.json`
-(which holds the SHA-256 of every other member), `runtime.xz` and the weight streams `w/*`.
+(which holds the SHA-256 of every other member), the code (`runtime.xz`, which evaluates, and
+`training.xz`, which trains a new artifact) and the weight streams `w/*`.
 Everything is checked against those digests before it is used.
 """
 
@@ -17,6 +18,10 @@ BUDGET_BYTES = 16_000_000
 """The challenge's cap on an artifact: code plus compressed model, in bytes (decimal MB)."""
 BOOTSTRAP = "__main__.py"
 MANIFEST = "manifest.json"
+RUNTIME = "runtime.xz"
+TRAINING = "training.xz"
+CODE_MEMBERS = (BOOTSTRAP, RUNTIME, TRAINING)
+"""The members that hold code: what the challenge counts as code bytes."""
 MANIFEST_DIGEST = re.compile(rb"MANIFEST_SHA256 = ['\"]([0-9a-f]{64})")
 
 

@@ -38,7 +38,8 @@ def positive_int(text):
 
 
 def parse_args(argv):
-    parser = ArgumentParser(prog="artifact.py", description="A pgbuild Parameter Golf artifact.")
+    parser = ArgumentParser(prog="artifact.py", description="A pgbuild Parameter Golf artifact. `artifact.py train "
+                            "--help`: train a new one with its configuration and code (builder/standalone.py).")
     commands = parser.add_subparsers(dest="command", required=True)
     ev = commands.add_parser("eval", help="score the validation set in bits per byte")
     ev.add_argument("--data", required=True, help="dataset directory (pgbuild or challenge layout)")

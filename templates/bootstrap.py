@@ -29,14 +29,15 @@ def fail(message):
 
 
 class BundledSources(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Imports the `runtime` package from the source texts shipped in the archive."""
+    """Imports the `runtime` and `builder` packages from the source texts shipped in the archive."""
 
     def __init__(self, sources):
         self.sources = sources
 
     def find_spec(self, name, path=None, target=None):
         if name in self.sources:
-            return importlib.util.spec_from_loader(name, self, is_package=name == "runtime")
+            package = any(other.startswith(name + ".") for other in self.sources)
+            return importlib.util.spec_from_loader(name, self, is_package=package)
 
     def create_module(self, spec):
         return None
@@ -63,10 +64,18 @@ def main():
         if hashlib.sha256(data).hexdigest() != manifest["members"][name]:
             fail(f"member {name} fails its checksum; the artifact was modified or is corrupt")
     filters = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
-    sources = json.loads(lzma.decompress(members["runtime.xz"], format=lzma.FORMAT_RAW, filters=filters))
+    sources = {}
+    for code in ("runtime.xz", "training.xz"):
+        if code in members:
+            sources.update(json.loads(lzma.decompress(members[code], format=lzma.FORMAT_RAW, filters=filters)))
     sys.meta_path.insert(0, BundledSources(sources))
+    # A file with no weights (the train_gpt.py of `pgbuild record`) trains when run without arguments.
+    argv = sys.argv[1:] or manifest.get("default_argv", [])
+    if argv[:1] == ["train"]:
+        from builder.standalone import main as train
+        sys.exit(train(argv[1:], ARCHIVE))
     from runtime.cli import main as run_cli
-    sys.exit(run_cli(sys.argv[1:], manifest, members.__getitem__))
+    sys.exit(run_cli(argv, manifest, members.__getitem__))
 
 
 def damaged():

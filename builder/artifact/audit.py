@@ -26,7 +26,7 @@ import numpy as np
 from builder.artifact.audit_layout import layout_spans, open_verified, sections_from_spans
 from builder.artifact.canonical import code_report, submission_check
 from builder.quant.primitives import matrix_group
-from runtime.artifact import BUDGET_BYTES
+from runtime.artifact import BUDGET_BYTES, RUNTIME, TRAINING
 from runtime.codec import decode_streams, decompress
 from runtime.errors import PgError
 
@@ -239,10 +239,10 @@ def bits_grid(tensors):
 # ----------------------------------------------------------------------------- the report
 
 def code_details(art, sections):
-    """The runtime bundle's decompressed size: LZMA-decoded as data, never executed."""
+    """The code bundles' decompressed sizes: LZMA-decoded as data, never executed."""
     for s in sections:
-        if s["name"] == "runtime.xz":
-            s["raw_bytes"] = len(decompress("lzma", art.read("runtime.xz")))
+        if s["name"] in (RUNTIME, TRAINING):
+            s["raw_bytes"] = len(decompress("lzma", art.read(s["name"])))
 
 
 def audit_report(path, budget_bytes=BUDGET_BYTES, submission_path=None):

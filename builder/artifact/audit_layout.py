@@ -8,7 +8,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 
-from runtime.artifact import BOOTSTRAP, MANIFEST, Artifact
+from runtime.artifact import CODE_MEMBERS, MANIFEST, Artifact
 from runtime.errors import PgError
 
 LOCAL_HEADER = b"PK\x03\x04"
@@ -67,7 +67,7 @@ class Span:
 
 
 def member_role(name):
-    if name in (BOOTSTRAP, "runtime.xz"):
+    if name in CODE_MEMBERS:
         return "code"
     if name == MANIFEST:
         return "manifest"

@@ -12,30 +12,31 @@ import hashlib
 import json
 import os
 
-from builder.artifact.pack import PREAMBLE, bootstrap_source, runtime_stream
+from builder.artifact.code import installed_code
+from builder.artifact.pack import PREAMBLE
 from builder.provenance import pgbuild_version
-from runtime.artifact import BOOTSTRAP, MANIFEST
+from runtime.artifact import BOOTSTRAP, CODE_MEMBERS, MANIFEST
 from runtime.errors import PgError
-
-CODE_MEMBERS = ("preamble", BOOTSTRAP, "runtime.xz")
 
 
 def reference_code(manifest_bytes):
     """{code member: the bytes this pgbuild writes for an artifact with this manifest}."""
-    return {"preamble": PREAMBLE, BOOTSTRAP: bootstrap_source(hashlib.sha256(manifest_bytes).hexdigest()),
-            "runtime.xz": runtime_stream()}
+    code = installed_code()
+    return {"preamble": PREAMBLE, BOOTSTRAP: code.bootstrap(hashlib.sha256(manifest_bytes).hexdigest()),
+            **code.members}
 
 
 def code_report(art, preamble):
     """{"built_by", "checked_with", "canonical": {member: true/false, or null when the artifact
     names another pgbuild version, whose code this one cannot reproduce}}."""
     built_by, ours = art.manifest.get("pgbuild"), pgbuild_version()
-    found = {"preamble": preamble, BOOTSTRAP: art.zip.read(BOOTSTRAP), "runtime.xz": art.read("runtime.xz")}
+    found = {"preamble": preamble, BOOTSTRAP: art.zip.read(BOOTSTRAP),
+             **{name: art.read(name) for name in CODE_MEMBERS[1:] if name in art.manifest["members"]}}
     if built_by is None or built_by != ours:
-        canonical = dict.fromkeys(CODE_MEMBERS)
+        canonical = dict.fromkeys(found)
     else:
         reference = reference_code(art.zip.read(MANIFEST))
-        canonical = {name: found[name] == reference[name] for name in CODE_MEMBERS}
+        canonical = {name: found[name] == reference.get(name) for name in found}
     return {"built_by": built_by, "checked_with": ours, "canonical": canonical}
 
 

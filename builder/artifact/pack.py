@@ -4,11 +4,9 @@ Weight streams group tensors by role and encoding (all layers' MLP fc codes at i
 stream, say), since similar symbols side by side compress best; each stream is compressed with
 every configured codec and the smallest output is kept, and each stream of integer codes is also
 tried with its rows in greedy nearest-neighbour order and transposed (builder/artifact/layout.py). The
-runtime sources are minified (docstrings and comments dropped) and shipped as one LZMA stream of
-{module: source}.
+code members come from builder/artifact/code.py.
 """
 
-import ast
 import hashlib
 import io
 import json
@@ -16,16 +14,13 @@ import multiprocessing
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from importlib import resources
-from pathlib import Path
 
-import runtime
+from builder.artifact.code import installed_code
 from builder.artifact.entropy import encode as rans_encode
 from builder.artifact.layout import RowOrders, nn_columns, reorderable
-from builder.provenance import pgbuild_version
 from builder.quant.primitives import matrix_group
 from runtime.artifact import BOOTSTRAP, MANIFEST
-from runtime.codec import LZMA_FILTERS, byte_shuffle
+from runtime.codec import byte_shuffle
 from runtime.codec import compress as lz_compress
 from runtime.threads import free_cores
 
@@ -43,42 +38,6 @@ sys.exit(2)
 # artifact damaged (its zip archive is truncated or corrupt): rebuild or re-download it """
 """Python runs the zip's __main__.py and never this text, unless the archive is gone: then the
 `print` line speaks, or, if binary bytes remain, Python's "null bytes" error quotes the last line."""
-
-
-class _DropDocstrings(ast.NodeTransformer):
-    """Removes every statement that is a bare string literal (docstrings, field docs)."""
-
-    def _strip(self, node):
-        self.generic_visit(node)
-        body = [s for s in node.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)
-                                             and isinstance(s.value.value, str))]
-        node.body = body or [ast.Pass()]
-        return node
-
-    visit_Module = visit_ClassDef = visit_FunctionDef = visit_AsyncFunctionDef = _strip
-
-
-def minify(source):
-    """Source without docstrings or comments (ast.unparse drops comments)."""
-    return ast.unparse(_DropDocstrings().visit(ast.parse(source)))
-
-
-def runtime_sources():
-    """{module name: minified source} for every module of the runtime package."""
-    root = Path(runtime.__file__).parent
-    return {("runtime" if p.stem == "__init__" else f"runtime.{p.stem}"): minify(p.read_text())
-            for p in sorted(root.glob("*.py"))}
-
-
-def runtime_stream():
-    import lzma
-    bundle = json.dumps(runtime_sources(), separators=(",", ":")).encode()
-    return lzma.compress(bundle, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
-
-
-def bootstrap_source(manifest_sha256):
-    template = resources.files("templates").joinpath("bootstrap.py").read_text()
-    return minify(template).replace("@MANIFEST_SHA256@", manifest_sha256).encode()
 
 
 def data_stream(encoded):
@@ -193,16 +152,18 @@ def stored_size(candidate, compressor):
     return len(compressor(raw)[1]) + (len(compressor(order_bytes(orders))[1]) if orders else 0)
 
 
-def build_artifact(encoded_tensors, info, compressor):
-    """The artifact's bytes. `info` holds the manifest's descriptive fields (model, eval,
-    tokenizer_sha256, recipe, provenance, metrics)."""
+def build_artifact(encoded_tensors, info, compressor, code=None):
+    """The artifact's bytes. `info` holds the manifest's descriptive fields (model, eval, train,
+    tokenizer_sha256, recipe, provenance, metrics); `code` (builder/artifact/code.py) is
+    what it carries, by default this pgbuild's."""
+    code = code or installed_code()
     raw_streams, tensors = build_streams(encoded_tensors)
     entries = [[t for t in tensors if t["data"][0] == index] for index in range(len(raw_streams))]
     candidates = [layout_candidates(name, raw, mine, compressor)
                   for (name, raw), mine in zip(raw_streams.items(), entries)]
     compressor.prefetch([part for found in candidates for raw, orders in found
                          for part in ([raw, order_bytes(orders)] if orders else [raw])])
-    members = {"runtime.xz": runtime_stream()}
+    members = dict(code.members)
     streams, row_orders = [], bytearray()
     for name, found, mine in zip(raw_streams, candidates, entries):
         stream = {"name": name, **({"shuffle": 2} if name.endswith(".fp16") else {})}
@@ -216,8 +177,14 @@ def build_artifact(encoded_tensors, info, compressor):
     if row_orders:
         codec, data = compressor(bytes(row_orders))
         _add_stream(members, streams, {"name": "row_order.u16"}, row_orders, codec, data)
-    manifest = dict(format=FORMAT_VERSION, pgbuild=pgbuild_version(), **info, streams=streams, tensors=tensors,
-                    members={name: hashlib.sha256(data).hexdigest() for name, data in members.items()})
+    return write_container(dict(format=FORMAT_VERSION, pgbuild=code.version, **info, streams=streams, tensors=tensors),
+                           members, code)
+
+
+def write_container(manifest, members, code):
+    """Preamble + zip(bootstrap, manifest, members): the file's bytes, `manifest` completed with
+    every member's SHA-256."""
+    manifest = dict(manifest, members={name: hashlib.sha256(data).hexdigest() for name, data in members.items()})
     manifest_bytes = json.dumps(manifest, separators=(",", ":")).encode()
     out = io.BytesIO()
     out.write(PREAMBLE)
@@ -227,7 +194,7 @@ def build_artifact(encoded_tensors, info, compressor):
         # Stored, not deflated (~1.5 kB more): CPython inflates it before any of our code runs, so a
         # damaged deflate stream could only ever fail as zlib's traceback; stored, a damaged byte
         # mostly reaches the bootstrap's own CRC check and its one-line refusal.
-        add(BOOTSTRAP, bootstrap_source(hashlib.sha256(manifest_bytes).hexdigest()), zipfile.ZIP_STORED)
+        add(BOOTSTRAP, code.bootstrap(hashlib.sha256(manifest_bytes).hexdigest()), zipfile.ZIP_STORED)
         add(MANIFEST, manifest_bytes, zipfile.ZIP_DEFLATED)
         for name, data in members.items():
             add(name, data, zipfile.ZIP_STORED)  # already compressed

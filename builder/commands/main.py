@@ -75,28 +75,14 @@ def recipe_option(default, where):
     return decorate
 
 
-def _data_layout(data, preset, tokenizer=None):
-    from runtime.data import find_data
-    return find_data(data, preset.model.vocab_size, tokenizer)
-
-
-def _check_tokenizer(layout, preset):
-    import sentencepiece as spm
-    sp = spm.SentencePieceProcessor(model_file=layout.tokenizer)
-    if sp.get_piece_size() != preset.model.vocab_size:
-        raise PgError(f"{layout.tokenizer}: tokenizer has {sp.get_piece_size()} pieces but model.vocab_size is "
-                      f"{preset.model.vocab_size}; pass --set model.vocab_size={sp.get_piece_size()}")
-
-
 def _train(preset, data, run=None, checkpoint=None, resume=None):
     """Train; `run` (a RunDir) gets the config, log and loss plot, `checkpoint` (a path) the
     resumable state every train.checkpoint_every steps and at the end."""
+    from builder.pipeline import prepare_data
     from builder.train.trainer import setup_context, train
 
     ctx = setup_context(preset.train.require_cuda)
-    layout = _data_layout(data, preset)
-    _check_tokenizer(layout, preset)
-    layout.shards("val")  # fail before training, not after, if evaluation would have nothing to read
+    layout = prepare_data(data, preset)
     main_rank = ctx.is_main
     if main_rank:
         console.print(f"[bold]training[/] on {ctx.device} x{ctx.world}: {preset.model.num_layers} layers x "
@@ -157,7 +143,7 @@ def _print_result(summary, as_json):
 def train_and_pack(preset, config_file, assignments, nproc_per_node, nnodes, rdzv_endpoint, data, out, budget_bytes,
                    eval_tokens, eval_modes, recipe, allow_overtime, run_dir, as_json):
     """Train, quantize, fit the byte budget and write one self-contained artifact.py."""
-    from builder.pipeline import quantize_and_pack
+    from builder.pipeline import parse_modes, quantize_and_pack
     from builder.provenance import of_training
     from builder.rundir import CHECKPOINT
 
@@ -172,8 +158,8 @@ def train_and_pack(preset, config_file, assignments, nproc_per_node, nnodes, rdz
     checkpoint = run.file(CHECKPOINT) if run and preset.train.checkpoint_every else None
     ctx, layout, result = _train(preset, data, run, checkpoint)
     summary = quantize_and_pack(result.model, preset, layout, out, ctx, of_training(preset, result, ctx.world),
-                                eval_tokens, _modes(eval_modes),
-                                report=console.print if ctx.is_main else (lambda *_: None), show_progress=not as_json,
+                                eval_tokens, parse_modes(eval_modes),
+                                report=console.print if ctx.is_main else (lambda *_: None), progress=_progress(as_json),
                                 allow_overtime=allow_overtime)
     if ctx.is_main:
         if run is not None:
@@ -181,12 +167,11 @@ def train_and_pack(preset, config_file, assignments, nproc_per_node, nnodes, rdz
         _print_result(summary, as_json)
 
 
-def _modes(text):
-    modes = [m for m in text.split(",") if m]
-    bad = [m for m in modes if m not in MODES]
-    if bad:
-        raise PgError(f"--eval-modes: unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}")
-    return modes
+def _progress(as_json):
+    """quantize_and_pack's progress bars: rich's on a terminal, none with --json."""
+    from builder.pipeline import no_progress
+    from builder.progress import scoring_progress
+    return no_progress if as_json else scoring_progress
 
 
 @main.command()
@@ -235,17 +220,16 @@ def train(preset, config_file, assignments, nproc_per_node, nnodes, rdzv_endpoin
 def quantize(checkpoint, data, out, budget_bytes, assignments, eval_tokens, eval_modes, recipe, allow_overtime, report,
              as_json):
     """Quantize a checkpoint, fit the budget and write the artifact, without retraining."""
-    from builder.pipeline import load_checkpoint, quantize_and_pack
+    from builder.pipeline import load_checkpoint, parse_modes, prepare_data, quantize_and_pack
     from builder.train.trainer import setup_context
 
     ctx = setup_context()
     model, preset, prov = load_checkpoint(checkpoint, ctx.device)
     preset = apply_overrides(apply_recipe(preset, recipe),
                              list(assignments) + ([f"quant.budget_bytes={budget_bytes}"] if budget_bytes else []))
-    layout = _data_layout(data, preset)
-    _check_tokenizer(layout, preset)
-    summary = quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, _modes(eval_modes),
-                                report=console.print, show_progress=not as_json, allow_overtime=allow_overtime)
+    layout = prepare_data(data, preset)
+    summary = quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, parse_modes(eval_modes),
+                                report=console.print, progress=_progress(as_json), allow_overtime=allow_overtime)
     if report and not as_json:
         _print_tensor_report(summary["tensors"])
     _print_result(summary, as_json)
@@ -276,7 +260,7 @@ def eval_checkpoint(checkpoint, data, mode, max_val_tokens, as_json):
     """The unquantized model's bpb, with the artifact's own evaluation code."""
     import sentencepiece as spm
 
-    from builder.pipeline import load_checkpoint, val_stream
+    from builder.pipeline import load_checkpoint, prepare_data, val_stream
     from builder.progress import scoring_progress
     from builder.train.trainer import setup_context
     from runtime.baselines import baselines, describe
@@ -284,8 +268,7 @@ def eval_checkpoint(checkpoint, data, mode, max_val_tokens, as_json):
 
     ctx = setup_context()
     model, preset, _ = load_checkpoint(checkpoint, ctx.device)
-    layout = _data_layout(data, preset)
-    _check_tokenizer(layout, preset)
+    layout = prepare_data(data, preset)
     tables = byte_tables(spm.SentencePieceProcessor(model_file=layout.tokenizer), preset.model.vocab_size)
     tokens = val_stream(layout, preset, max_val_tokens)
     with scoring_progress(not as_json) as track:
