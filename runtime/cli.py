@@ -96,6 +96,9 @@ def run_eval(args, manifest, read_member):
     from .distributed import Ranks, init_distributed
     from .evaluate import byte_tables, evaluate
 
+    if "tensors" not in manifest:
+        raise PgError("this file holds no weights: it is the training code of a record; run it (or its `train` "
+                      "command) to train an artifact, then evaluate that")
     if args.dump_nll:
         refuse_unwritable(args.dump_nll)
     set_threads(args.threads)

@@ -142,8 +142,9 @@ def test_sections_sum_exactly_to_the_file_size(which, request):
     with zipfile.ZipFile(path) as zf:
         stored = {i.filename: i.compress_size for i in zf.infolist()}
     weights = sum(n for name, n in stored.items() if name.startswith("w/"))
-    expected = {"container": size - sum(stored.values()), "code": stored[BOOTSTRAP] + stored["runtime.xz"],
-                "manifest": stored[MANIFEST], "weights": weights}
+    code = stored[BOOTSTRAP] + stored["runtime.xz"] + stored["training.xz"]
+    expected = {"container": size - sum(stored.values()), "code": code, "manifest": stored[MANIFEST],
+                "weights": weights}
     assert report["total_bytes"] == size
     assert report["by_role"] == expected and all(v > 0 for v in expected.values())
     for role, role_bytes in expected.items():
@@ -164,7 +165,7 @@ def test_sections_match_the_zip_layout(artifact):
     assert sections["central directory + end record"]["bytes"] == os.path.getsize(artifact) - cd_start
     assert sections["zip local headers"]["members"] == len(infos)
     roles = {name: s["role"] for name, s in sections.items()}
-    assert roles[BOOTSTRAP] == roles["runtime.xz"] == "code" and roles[MANIFEST] == "manifest"
+    assert roles[BOOTSTRAP] == roles["runtime.xz"] == roles["training.xz"] == "code" and roles[MANIFEST] == "manifest"
     assert all(role == "weights" for name, role in roles.items() if name.startswith("w/"))
     assert roles["preamble"] == roles["zip local headers"] == roles["central directory + end record"] == "container"
 
@@ -460,7 +461,7 @@ def test_a_fresh_artifact_is_canonical_and_matches_its_submission(artifact, tmp_
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
     (tmp_path / "submission.json").write_text(json.dumps({"artifact_sha256": sha}))
     report = audit_json(path)
-    assert report["code"]["canonical"] == {"preamble": True, BOOTSTRAP: True, "runtime.xz": True}
+    assert report["code"]["canonical"] == {"preamble": True, BOOTSTRAP: True, "runtime.xz": True, "training.xz": True}
     assert report["sha256"] == sha and report["submission"]["matches"] is True
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"artifact_sha256": "0" * 64}))
@@ -473,7 +474,7 @@ def test_a_whole_rewrite_passes_the_checksums_but_is_not_canonical(small_artifac
     """A new runtime with every hash recomputed: the file vouches for itself, the audit does not."""
     import lzma
 
-    from builder.artifact.pack import bootstrap_source, runtime_sources
+    from builder.artifact.code import bootstrap_source, runtime_sources
     from runtime.codec import LZMA_FILTERS
 
     sources = dict(runtime_sources(), **{"runtime.extra": "print('not pgbuild code')"})
@@ -485,7 +486,8 @@ def test_a_whole_rewrite_passes_the_checksums_but_is_not_canonical(small_artifac
     rewritten = tmp_path / "rewritten.py"
     rezip(small_artifact, rewritten, {"runtime.xz": runtime, MANIFEST: manifest_bytes,
                                       BOOTSTRAP: bootstrap_source(hashlib.sha256(manifest_bytes).hexdigest())})
-    assert audit_json(rewritten)["code"]["canonical"] == {"preamble": True, BOOTSTRAP: True, "runtime.xz": False}
+    assert audit_json(rewritten)["code"]["canonical"] == {"preamble": True, BOOTSTRAP: True, "runtime.xz": False,
+                                                          "training.xz": True}
 
 
 def test_a_replaced_bootstrap_is_not_canonical(booby_trapped):

@@ -106,3 +106,21 @@ def test_the_readme_layout_names_every_package():
     listed = set(re.findall(r"^\s*((?:builder|runtime|templates)(?:/\w+)*)/", layout, flags=re.M))
     packages = {str(path.parent.relative_to(ROOT)) for name, path in modules().items() if path.name == "__init__.py"}
     assert listed == packages
+
+
+def test_the_training_code_an_artifact_carries_needs_only_what_the_runtime_may_import():
+    """builder/standalone.py's closure ships inside every artifact and runs where pgbuild is not
+    installed: no click, rich or matplotlib, and none of the audit, verify or command line."""
+    from builder.artifact.code import TRAINING_ENTRY, import_closure
+
+    mods = modules()
+    bundle = import_closure(TRAINING_ENTRY, "builder")
+    assert {"builder.train.trainer", "builder.pipeline", "builder.artifact.pack", "builder.quant.policy"} <= set(bundle)
+    stdlib = set(sys.stdlib_module_names)
+    for name in bundle:
+        assert not name.startswith(("builder.commands", "builder.judge", "builder.artifact.audit")), name
+        for imported in imports(name, mods[name]):
+            top = imported.split(".")[0]
+            assert top in stdlib | RUNTIME_MAY_IMPORT | {"runtime", "builder"}, f"{name} imports {imported}"
+            if top == "builder" and imported in mods:
+                assert imported in bundle, f"{name} imports {imported}, which the bundle lacks"

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from builder.artifact.pack import PREAMBLE, StreamCompressor, build_artifact, minify, runtime_sources
+from builder.artifact.code import minify, runtime_sources
+from builder.artifact.pack import PREAMBLE, StreamCompressor, build_artifact
 from builder.config import QuantConfig
 from builder.quant.policy import Choice, Quantizer
 from runtime.artifact import Artifact
@@ -48,7 +49,7 @@ def test_container_layout(quantized):
     blob = build_artifact(quantized, INFO, StreamCompressor(("lzma",)))
     assert blob.startswith(PREAMBLE) and blob.startswith(b"#!/usr/bin/env python3\n")
     names = zipfile.ZipFile(io.BytesIO(blob)).namelist()
-    assert names[:3] == ["__main__.py", "manifest.json", "runtime.xz"]
+    assert names[:4] == ["__main__.py", "manifest.json", "runtime.xz", "training.xz"]
     assert {"w/mlp_fc.int6.xz", "w/mlp_fc.int5.xz", "w/scales.fp16.xz", "w/control.fp16.xz"} <= set(names)
 
 

@@ -4,6 +4,7 @@ real run folders."""
 import json
 import math
 import os
+import zipfile
 
 import pytest
 from conftest import run_pgbuild
@@ -11,7 +12,7 @@ from conftest import run_pgbuild
 from builder.judge.runs import compare, load_run
 from builder.judge.stats import betainc, t_sf, welch_one_sided
 from builder.rundir import RunDir
-from runtime.artifact import Artifact
+from runtime.artifact import CODE_MEMBERS, Artifact
 
 BASELINE = {1: 1.0810, 2: 1.0812, 3: 1.0808}
 BETTER = {4: 1.0700, 5: 1.0703, 6: 1.0698}  # 0.011 bpb = 0.0076 nats/byte better
@@ -102,7 +103,7 @@ def test_record_folder(run_dirs, artifact, tmp_path):
                        "--author", "someone", "--json")
     result = json.loads(proc.stdout)
     size = os.path.getsize(artifact)
-    assert sorted(os.listdir(out)) == sorted(["README.md", "submission.json", "artifact.py"]
+    assert sorted(os.listdir(out)) == sorted(["README.md", "submission.json", "artifact.py", "train_gpt.py"]
                                              + [f"train_seed{s}.jsonl" for s in BETTER]
                                              + [f"summary_seed{s}.json" for s in BETTER])
     assert (out / "artifact.py").read_bytes() == artifact.read_bytes()
@@ -113,7 +114,14 @@ def test_record_folder(run_dirs, artifact, tmp_path):
     assert sub["artifact_bytes"] == size and sub["compliance"]["artifact_under_16mb"] and sub["author"] == "someone"
     assert sub["seeds"] == [4, 5, 6] and sub["seed_results"]["5"] == {"val_bpb": 1.0703, "artifact_bytes": size}
     assert sub["artifact_of_seed"] == ["4", "5", "6"]  # every run recorded this very file as its artifact
+    # Counted as the challenge counts: the code file's size plus the model's stored bytes.
+    with zipfile.ZipFile(artifact) as zf:
+        model = sum(i.compress_size for i in zf.infolist() if i.filename not in CODE_MEMBERS)
+    assert sub["bytes_code"] == os.path.getsize(out / "train_gpt.py") and sub["bytes_model"] == model
+    assert sub["bytes_total"] == sub["bytes_code"] + sub["bytes_model"] <= 16_000_000
+    assert sub["compliance"]["code_plus_model_under_16mb"]
     readme = (out / "README.md").read_text()
+    assert f"{sub['bytes_total']:,}" in readme and "torchrun --standalone --nproc_per_node=8 train_gpt.py" in readme
     assert "| 5 |" in readme and "**1.07030**" in readme and f"{size:,}" in readme and "**1.07003**" in readme
     assert json.loads((out / "train_seed4.jsonl").read_text())["seed"] == 4
 

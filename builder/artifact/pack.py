@@ -15,7 +15,7 @@ import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from builder.artifact.code import installed_code
+from builder.artifact.code import Code, installed_code
 from builder.artifact.entropy import encode as rans_encode
 from builder.artifact.layout import RowOrders, nn_columns, reorderable
 from builder.quant.primitives import matrix_group
@@ -199,6 +199,21 @@ def write_container(manifest, members, code):
         for name, data in members.items():
             add(name, data, zipfile.ZIP_STORED)  # already compressed
     return out.getvalue()
+
+
+TRAINING_SCRIPT_FIELDS = ("model", "eval", "train", "recipe", "tokenizer_sha256")
+"""What a training script keeps of its artifact's manifest: the configuration, no weights or figures."""
+
+
+def training_script(art):
+    """The code of a verified artifact (runtime.artifact.Artifact) as a file of its own, the
+    train_gpt.py of a records folder: its bootstrap, runtime and training code with the
+    configuration, and no weights. Run without arguments (as torchrun runs a record's script) it
+    trains from ./data and writes artifact.py; `eval` refuses, having nothing to score."""
+    code = Code.of_artifact(art)
+    manifest = {"format": FORMAT_VERSION, "pgbuild": code.version, "default_argv": ["train"],
+                **{k: art.manifest[k] for k in TRAINING_SCRIPT_FIELDS if k in art.manifest}}
+    return write_container(manifest, dict(code.members), code)
 
 
 def _add_stream(members, streams, stream, raw, codec, data):

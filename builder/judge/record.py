@@ -1,6 +1,7 @@
 """The records folder of `pgbuild record`: README.md with the per-seed results table,
-submission.json, the train logs and the artifact, following the challenge's submission checklist.
-The folder is built beside its destination and renamed into place, so it appears whole or not at all."""
+submission.json, the train logs, the artifact and its code as train_gpt.py, following the
+challenge's submission checklist. The folder is built beside its destination and renamed into
+place, so it appears whole or not at all."""
 
 import datetime
 import json
@@ -9,14 +10,16 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
+from builder.artifact.pack import training_script
 from builder.judge.evaltime import run_warnings, validation_positions
 from builder.judge.runs import load_run
 from builder.judge.stats import mean_std
-from runtime.artifact import BUDGET_BYTES, Artifact
+from runtime.artifact import BUDGET_BYTES, CODE_MEMBERS, Artifact
 from runtime.config import MODES
 from runtime.errors import PgError
 from runtime.files import file_sha256
 
+TRAINING_SCRIPT = "train_gpt.py"
 FIGURES = ("prequant_bpb",) + tuple(f"{m}_bpb" for m in MODES)
 
 
@@ -68,6 +71,10 @@ class Entry:
     budget: int
     artifact_sha256: str
     """What `pgbuild audit` compares a received artifact with."""
+    code_bytes: int
+    """os.path.getsize of train_gpt.py, the artifact's code as a file of its own."""
+    model_bytes: int
+    """The artifact's manifest and weight members as stored: what decoding the model reads."""
 
 
 def readme_text(e, files):
@@ -98,6 +105,14 @@ budget. {origin} Model: {describe_model(e.manifest)}. Built from seed {prov.get(
 {prov.get('pgbuild_commit') or 'unknown'}, torch {prov.get('torch', '?')}. SHA-256 `{e.artifact_sha256}`:
 `pgbuild audit {e.artifact_name}` checks a copy against it and whether its code is what pgbuild writes.
 
+`{TRAINING_SCRIPT}` is the same code as a file of its own ({e.code_bytes:,} bytes): run as the records run,
+
+    torchrun --standalone --nproc_per_node=8 {TRAINING_SCRIPT}
+
+it trains from `./data` (the challenge's layout) with the artifact's configuration and writes a new
+`artifact.py` (`python {TRAINING_SCRIPT} train --help` for options). Counted as the challenge counts, code
+plus compressed model: {e.code_bytes:,} + {e.model_bytes:,} = **{e.code_bytes + e.model_bytes:,} bytes**.
+
 Evaluate it (standard, sliding-window or score-first TTT) with
 
     python {e.artifact_name} eval --data DATA_DIR --mode ttt
@@ -121,8 +136,10 @@ def submission(e, author, github_id):
             "seed_results": {r.label: {"val_bpb": r.value(e.metric), "artifact_bytes": r.bytes} for r in e.runs},
             "artifact": e.artifact_name, "artifact_bytes": e.artifact_bytes, "artifact_sha256": e.artifact_sha256,
             "artifact_of_seed": e.of_runs,
+            "bytes_code": e.code_bytes, "bytes_model": e.model_bytes, "bytes_total": e.code_bytes + e.model_bytes,
             "pytorch_version": prov.get("torch"),
             "compliance": {"artifact_under_16mb": e.artifact_bytes <= e.budget,
+                           "code_plus_model_under_16mb": e.code_bytes + e.model_bytes <= e.budget,
                            "all_seed_artifacts_under_16mb": all(r.bytes is not None and r.bytes <= e.budget
                                                                 for r in e.runs),
                            "train_within_wallclock": all(within) if all(w is not None for w in within) else None,
@@ -141,21 +158,31 @@ def _copy_logs(run, folder):
     return names
 
 
-def _fill(folder, artifact, run_list):
-    """Copy the artifact, logs and summaries into `folder`; returns (file names, artifact bytes)."""
+def model_bytes(art):
+    """Stored bytes of an artifact's manifest and weights: all but its code and zip structure."""
+    return sum(info.compress_size for info in art.zip.infolist() if info.filename not in CODE_MEMBERS)
+
+
+def _fill(folder, artifact, script_bytes, run_list):
+    """Copy the artifact, its training script, logs and summaries into `folder`; returns (file
+    names, artifact bytes, training script bytes)."""
     copy = os.path.join(folder, os.path.basename(artifact))
     shutil.copyfile(artifact, copy)
     os.chmod(copy, 0o755)
     if file_sha256(copy) != file_sha256(artifact):
         raise PgError(f"{artifact}: changed while being copied")
-    files = [os.path.basename(artifact)]
+    script = os.path.join(folder, TRAINING_SCRIPT)
+    with open(script, "wb") as f:
+        f.write(script_bytes)
+    os.chmod(script, 0o755)
+    files = [os.path.basename(artifact), TRAINING_SCRIPT]
     for run in run_list:
         files += _copy_logs(run, folder)
         if run.summary:
             files.append(f"summary_seed{run.label}.json")
             with open(os.path.join(folder, files[-1]), "w") as f:
                 json.dump(run.summary, f, indent=1)
-    return files, os.path.getsize(copy)
+    return files, os.path.getsize(copy), os.path.getsize(script)
 
 
 def write_record(artifact, run_paths, out, metric="ttt_bpb", name=None, author=None, github_id=None,
@@ -169,7 +196,10 @@ def write_record(artifact, run_paths, out, metric="ttt_bpb", name=None, author=N
     if not run_paths:
         raise PgError("give the runs behind the record: --runs RUN_DIR... (run folders or artifacts)")
     art = Artifact(artifact).verify()
+    script, weights = training_script(art), model_bytes(art)
     art.zip.close()
+    if os.path.basename(artifact) == TRAINING_SCRIPT:
+        raise PgError(f"{artifact}: rename it: the records folder's {TRAINING_SCRIPT} is the training code")
     run_list = [load_run(p) for p in run_paths]
     labels = [r.label for r in run_list]
     if len(set(labels)) != len(labels):
@@ -183,9 +213,10 @@ def write_record(artifact, run_paths, out, metric="ttt_bpb", name=None, author=N
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp", dir=os.path.dirname(out))
     try:
-        files, size = _fill(tmp, artifact, run_list)
+        files, size, code_size = _fill(tmp, artifact, script, run_list)
         entry = Entry(name or f"pgbuild {describe_model(art.manifest)}", track, metric, run_list, mean, std,
-                      os.path.basename(artifact), size, art.manifest, of_runs, budget, digest)
+                      os.path.basename(artifact), size, art.manifest, of_runs, budget, digest, code_size,
+                      weights)
         sub = submission(entry, author, github_id)
         files = ["README.md", "submission.json"] + files
         with open(os.path.join(tmp, "submission.json"), "w") as f:
