@@ -16,6 +16,7 @@ import time
 import torch
 
 from builder.artifact.pack import StreamCompressor, build_artifact
+from builder.artifact.sources import installed_code
 from builder.config import apply_overrides
 from builder.presets import apply_recipe, get_preset
 from builder.quant.policy import Quantizer, is_quantized
@@ -53,7 +54,7 @@ def main():
     for workers in map(int, args.workers.split(",")):
         compressor = StreamCompressor(preset.quant.codecs, preset.quant.reorder_groups, workers=workers)
         start = time.perf_counter()
-        blobs.append(build_artifact(encoded, info, compressor))
+        blobs.append(build_artifact(encoded, info, compressor, installed_code()))
         print(f"compress, {workers} worker(s): {time.perf_counter() - start:.1f} s, {len(blobs[-1]):,} bytes")
     assert all(blob == blobs[0] for blob in blobs), "worker counts wrote different bytes"
 

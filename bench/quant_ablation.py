@@ -23,8 +23,10 @@ import torch
 
 from builder.artifact.budget import allocate, fit_budget
 from builder.artifact.pack import StreamCompressor, build_artifact
+from builder.artifact.sources import installed_code
+from builder.checkpoint import load_checkpoint
 from builder.config import apply_overrides
-from builder.pipeline import load_checkpoint, val_stream
+from builder.pipeline import val_stream
 from builder.presets import RECIPES, apply_recipe
 from builder.quant.calibration import LossProbe, collect_hessians
 from builder.quant.policy import Quantizer
@@ -68,7 +70,7 @@ def pack_blob(model, hessians, probe, preset, info, budget):
     compressor = StreamCompressor(qcfg.codecs, qcfg.reorder_groups)
 
     def pack(plan):
-        return build_artifact(quantizer.encode_all(plan), info, compressor)
+        return build_artifact(quantizer.encode_all(plan), info, compressor, installed_code())
 
     fit = allocate if qcfg.allocation == "rd" else fit_budget
     return fit(quantizer, pack, budget, 0, report=lambda *_: None)[1]

@@ -10,15 +10,12 @@ the wallclock limit went (builder/timebudget.py).
 import contextlib
 import copy
 import io
-import pickle
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 from builder.artifact.budget import allocate, fit_budget, measured_bytes
 from builder.artifact.pack import StreamCompressor, build_artifact
-from builder.config import Preset
 from builder.quant.calibration import LossProbe, collect_hessians
 from builder.quant.policy import Quantizer
 from builder.timebudget import Stopwatch, describe, overtime, stop_rule, timing_summary
@@ -31,46 +28,10 @@ from runtime.distributed import Ranks
 from runtime.errors import PgError
 from runtime.evaluate import byte_tables, evaluate, trim_stream
 from runtime.files import file_sha256, write_atomic
-from runtime.model import GPT
 
 METRICS_RESERVE_BYTES = 1024
 """Room kept under the budget for the build-time figures, which are written into the manifest
 after the weights are fixed."""
-
-
-def save_checkpoint(path, model, preset, prov, training=None):
-    """The weights to quantize (a model or a state dict) and, to resume training from, a
-    `Trainer.state_dict()`."""
-    weights = model.state_dict() if isinstance(model, torch.nn.Module) else model
-    ckpt = {"preset": preset.to_dict(), "state": {k: v.cpu() for k, v in weights.items()}, "provenance": prov}
-    if training is not None:
-        ckpt["training"] = training
-    buf = io.BytesIO()
-    torch.save(ckpt, buf)
-    write_atomic(path, buf.getvalue(), "checkpoint")
-
-
-def load_training_state(path):
-    """(preset, training state) of a checkpoint to resume."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        preset = Preset.from_dict(ckpt["preset"])
-    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as e:
-        raise PgError(f"{path}: not a readable pgbuild checkpoint ({str(e).splitlines()[0]})") from None
-    if "training" not in ckpt:
-        raise PgError(f"{path}: holds no training state to resume (written by `pgbuild train` of an older version?)")
-    return preset, ckpt["training"]
-
-
-def load_checkpoint(path, device):
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        preset = Preset.from_dict(ckpt["preset"])
-        model = GPT(preset.model)
-        model.load_state_dict(ckpt["state"])
-    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as e:
-        raise PgError(f"{path}: not a readable pgbuild checkpoint ({str(e).splitlines()[0]})") from None
-    return model.to(device), preset, ckpt["provenance"]
 
 
 def prepare_data(data, preset):
@@ -130,11 +91,11 @@ def measure(model, blob, layout, preset, device, tokens, modes, track=None):
 
 
 def quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, eval_modes, report=print,
-                      progress=no_progress, allow_overtime=False, code=None):
+                      progress=no_progress, allow_overtime=False, *, code):
     """Hessians -> GPTQ -> budget fit -> artifact at `out` -> measured figures, written into its
     manifest; returns its figures and size. Every rank calls this; rank 0 quantizes and writes.
     `progress()` is a context yielding measure's `track` (builder/progress.py) or None; `code` is
-    the code the artifact carries (builder/artifact/code.py; default: this pgbuild's).
+    the code the artifact carries (builder/artifact/code.py).
 
     The clock (builder/timebudget.py) stops when the artifact is first written; the build-time
     evaluation runs after, off the clock, and the file is then rewritten with the figures in its

@@ -122,7 +122,6 @@ def estimate_post_training(model, layout, preset, device):
     on rank 0 while training pauses (its optimizer state stays resident). Writing the file is not
     estimated: it takes milliseconds."""
     from builder.artifact.budget import measured_bytes
-    from builder.artifact.code import installed_code
     from builder.artifact.pack import StreamCompressor
     from builder.quant.calibration import collect_hessians
     from builder.quant.policy import Quantizer
@@ -158,8 +157,6 @@ def estimate_post_training(model, layout, preset, device):
             per_tensor = (encode_seconds + measure_seconds) * len(quantizer.candidates(name))
         gptq += per_tensor * len(names)
         compress += compress_seconds * len(names)
-    # The code members are compressed once per process, at the first pack (free here if done
-    # already). Streams are compressed in parallel at pack time, so timing them one by one here
-    # errs on the safe side.
-    compress += _timed(installed_code)[1]
+    # Streams are compressed in parallel at pack time, so timing them one by one here errs on the
+    # safe side. The code members are made before training starts (or copied, retraining).
     return {"hessians": batch_seconds * qcfg.calibration_batches, "gptq": gptq, "compress": compress}

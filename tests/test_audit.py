@@ -33,6 +33,7 @@ from builder.artifact.audit import (
     tensor_group,
 )
 from builder.artifact.pack import PREAMBLE, ZIP_EPOCH, StreamCompressor, build_artifact
+from builder.artifact.sources import installed_code
 from builder.commands.audit import audit
 from builder.quant.primitives import Encoded
 from runtime.artifact import BOOTSTRAP, MANIFEST
@@ -76,7 +77,7 @@ def small_artifact(tmp_path_factory, small_tensors):
             "eval": {}, "tokenizer_sha256": "0" * 64, "recipe": {"method": "synthetic", "codecs": ["brotli", "lzma"]},
             "provenance": {"seed": 0}, "metrics": {"standard_bpb": 3.25, "ttt_bpb": 3.0}}
     path = tmp_path_factory.mktemp("small") / "small.py"
-    path.write_bytes(build_artifact(small_tensors, info, StreamCompressor(["brotli", "lzma"])))
+    path.write_bytes(build_artifact(small_tensors, info, StreamCompressor(["brotli", "lzma"]), installed_code()))
     return path
 
 
@@ -91,7 +92,7 @@ def mixed_artifact(tmp_path_factory):
     info = {"model": {"num_layers": 2}, "eval": {}, "tokenizer_sha256": "0" * 64, "provenance": {},
             "recipe": {"method": "synthetic", "codecs": ["brotli"]}}
     path = tmp_path_factory.mktemp("mixed") / "mixed.py"
-    path.write_bytes(build_artifact(tensors, info, StreamCompressor(["brotli"])))
+    path.write_bytes(build_artifact(tensors, info, StreamCompressor(["brotli"]), installed_code()))
     return path
 
 
@@ -474,7 +475,7 @@ def test_a_whole_rewrite_passes_the_checksums_but_is_not_canonical(small_artifac
     """A new runtime with every hash recomputed: the file vouches for itself, the audit does not."""
     import lzma
 
-    from builder.artifact.code import bootstrap_source, runtime_sources
+    from builder.artifact.sources import bootstrap_source, runtime_sources
     from runtime.codec import LZMA_FILTERS
 
     sources = dict(runtime_sources(), **{"runtime.extra": "print('not pgbuild code')"})

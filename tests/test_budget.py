@@ -10,6 +10,7 @@ from conftest import run_pgbuild
 
 from builder.artifact.budget import _global_prune_order, _with_pruned, allocate, fit_budget, prune_to_fit
 from builder.artifact.pack import StreamCompressor, build_artifact
+from builder.artifact.sources import installed_code
 from builder.config import QuantConfig
 from builder.quant.policy import Quantizer
 from builder.quant.primitives import prune_count
@@ -123,7 +124,7 @@ def synthetic_quantizer(**quant):
         hessians[name] = x.T @ x / x.size(0)
     quantizer = Quantizer(state, hessians, QuantConfig(gptq_block=64, passthrough_max_numel=1000, **quant))
     compressor = StreamCompressor(("brotli",))
-    return quantizer, lambda plan: build_artifact(quantizer.encode_all(plan), INFO, compressor)
+    return quantizer, lambda plan: build_artifact(quantizer.encode_all(plan), INFO, compressor, installed_code())
 
 
 def zeroed_codes(quantizer, plan):

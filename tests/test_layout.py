@@ -111,14 +111,15 @@ def test_the_readme_layout_names_every_package():
 def test_the_training_code_an_artifact_carries_needs_only_what_the_runtime_may_import():
     """builder/standalone.py's closure ships inside every artifact and runs where pgbuild is not
     installed: no click, rich or matplotlib, and none of the audit, verify or command line."""
-    from builder.artifact.code import TRAINING_ENTRY, import_closure
+    from builder.artifact.sources import TRAINING_ENTRY, import_closure
 
     mods = modules()
     bundle = import_closure(TRAINING_ENTRY, "builder")
     assert {"builder.train.trainer", "builder.pipeline", "builder.artifact.pack", "builder.quant.policy"} <= set(bundle)
     stdlib = set(sys.stdlib_module_names)
     for name in bundle:
-        assert not name.startswith(("builder.commands", "builder.judge", "builder.artifact.audit")), name
+        assert not name.startswith(("builder.commands", "builder.judge", "builder.artifact.audit",
+                                    "builder.artifact.sources")), name
         for imported in imports(name, mods[name]):
             top = imported.split(".")[0]
             assert top in stdlib | RUNTIME_MAY_IMPORT | {"runtime", "builder"}, f"{name} imports {imported}"

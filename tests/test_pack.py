@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from builder.artifact.code import minify, runtime_sources
 from builder.artifact.pack import PREAMBLE, StreamCompressor, build_artifact
+from builder.artifact.sources import installed_code, minify, runtime_sources
 from builder.config import QuantConfig
 from builder.quant.policy import Choice, Quantizer
 from runtime.artifact import Artifact
@@ -35,7 +35,7 @@ def quantized():
 
 
 def test_pack_then_decode_is_exact(quantized):
-    blob = build_artifact(quantized, INFO, StreamCompressor(("brotli", "lzma")))
+    blob = build_artifact(quantized, INFO, StreamCompressor(("brotli", "lzma")), installed_code())
     artifact = Artifact(io.BytesIO(blob)).verify()
     decoded = decode_state(artifact.manifest, artifact.read)
     for e in quantized:
@@ -46,7 +46,7 @@ def test_pack_then_decode_is_exact(quantized):
 
 
 def test_container_layout(quantized):
-    blob = build_artifact(quantized, INFO, StreamCompressor(("lzma",)))
+    blob = build_artifact(quantized, INFO, StreamCompressor(("lzma",)), installed_code())
     assert blob.startswith(PREAMBLE) and blob.startswith(b"#!/usr/bin/env python3\n")
     names = zipfile.ZipFile(io.BytesIO(blob)).namelist()
     assert names[:4] == ["__main__.py", "manifest.json", "runtime.xz", "training.xz"]
@@ -54,7 +54,7 @@ def test_container_layout(quantized):
 
 
 def test_packing_is_deterministic(quantized):
-    make = lambda: build_artifact(quantized, INFO, StreamCompressor(("brotli", "lzma")))  # noqa: E731
+    make = lambda: build_artifact(quantized, INFO, StreamCompressor(("brotli", "lzma")), installed_code())  # noqa: E731
     assert make() == make()
 
 
@@ -62,7 +62,7 @@ def test_parallel_compression_gives_the_same_bytes(quantized):
     def make(workers):
         compressor = StreamCompressor(("brotli", "lzma", "rans"), reorder_groups=("mlp", "attn"), workers=workers,
                                       parallel_min_bytes=0)
-        return build_artifact(quantized, INFO, compressor), compressor
+        return build_artifact(quantized, INFO, compressor, installed_code()), compressor
 
     assert make(3)[0] == make(1)[0]
     raws = [bytes(np.random.default_rng(seed).integers(-3, 4, 5000, dtype=np.int8)) for seed in range(3)]
@@ -98,7 +98,7 @@ def test_runtime_sources_are_minified_and_valid():
 
 
 def test_rans_is_kept_where_smallest(quantized):
-    blob = build_artifact(quantized, INFO, StreamCompressor(("brotli", "lzma", "rans")))
+    blob = build_artifact(quantized, INFO, StreamCompressor(("brotli", "lzma", "rans")), installed_code())
     artifact = Artifact(io.BytesIO(blob)).verify()
     codecs = {s["name"]: s["codec"] for s in artifact.manifest["streams"]}
     assert codecs["mlp_fc.int6"] == "rans"  # Gaussian codes: no LZ match pays
@@ -112,8 +112,9 @@ def test_row_order_and_transposition_decode_exactly(quantized):
     emb = next(e for e in quantized if e.name == "tok_emb.weight")
     rows = np.repeat(emb.data[:1], len(emb.data), 0) + np.random.default_rng(0).integers(0, 2, emb.data.shape)
     quantized = [dataclasses.replace(e, data=rows.astype(np.int8)) if e is emb else e for e in quantized]
-    assert "row_order" not in _entry(build_artifact(quantized, INFO, StreamCompressor(("brotli",))), "tok_emb.weight")
-    blob = build_artifact(quantized, INFO, StreamCompressor(("brotli",), reorder_groups=("tok_emb",)))
+    plain = build_artifact(quantized, INFO, StreamCompressor(("brotli",)), installed_code())
+    assert "row_order" not in _entry(plain, "tok_emb.weight")
+    blob = build_artifact(quantized, INFO, StreamCompressor(("brotli",), reorder_groups=("tok_emb",)), installed_code())
     artifact = Artifact(io.BytesIO(blob)).verify()
     entry = _entry(blob, "tok_emb.weight")
     assert entry["transposed"] == 1 and "row_order" in entry
@@ -157,7 +158,7 @@ def test_the_trained_artifact_evaluates_identically_after_repacking_with_rans(ar
             encoded.append(Encoded(t["name"], t["enc"], shape, np.ascontiguousarray(codes),
                                    np.frombuffer(streams[si], "<f2", sn // 2, so)))
     info = {k: manifest[k] for k in INFO}
-    blob = build_artifact(encoded, info, StreamCompressor(("brotli", "lzma", "rans")))
+    blob = build_artifact(encoded, info, StreamCompressor(("brotli", "lzma", "rans")), installed_code())
     repacked = Artifact(io.BytesIO(blob)).verify()
     assert "rans" in {s["codec"] for s in repacked.manifest["streams"]}
     after = decode_state(repacked.manifest, repacked.read)

@@ -9,8 +9,9 @@ import zipfile
 import pytest
 from conftest import run_artifact
 
-from builder.artifact.code import Code, installed_code
-from builder.artifact.pack import training_script
+from builder.artifact.code import Code
+from builder.artifact.sources import installed_code
+from builder.judge.record import training_script
 from runtime.artifact import BOOTSTRAP, CODE_MEMBERS, MANIFEST, MANIFEST_DIGEST, Artifact
 
 QUICK = ["--set", "train.iterations=12", "--eval-tokens", 2000, "--eval-modes", "standard"]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from builder.artifact.pack import StreamCompressor, build_artifact, build_streams
+from builder.artifact.sources import installed_code
 from builder.config import QuantConfig
 from builder.quant.primitives import encode_matrix, encode_passthrough, hessian_error
 from builder.quant.transforms import (
@@ -185,7 +186,7 @@ def every_encoding():
 
 def test_every_encoding_packs_and_decodes_exactly():
     encoded = every_encoding()
-    blob = build_artifact(encoded, INFO, StreamCompressor(("brotli", "lzma")))
+    blob = build_artifact(encoded, INFO, StreamCompressor(("brotli", "lzma")), installed_code())
     artifact = Artifact(io.BytesIO(blob)).verify()
     names = [s["name"] for s in artifact.manifest["streams"]]
     assert {"control.int8", "lqer.int2", "lqer.int4", "scales.fp16", "control.fp16"} <= set(names)

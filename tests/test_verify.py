@@ -15,8 +15,8 @@ import pytest
 from conftest import run_pgbuild
 from rich.console import Console
 
-from builder.artifact.code import bootstrap_source
 from builder.artifact.pack import PREAMBLE, ZIP_EPOCH
+from builder.artifact.sources import bootstrap_source
 from builder.judge.evaltime import overtime_warning, projected_seconds
 from builder.judge.recorder import is_padding
 from builder.judge.render import render_verify

@@ -12,8 +12,8 @@ import hashlib
 import json
 import os
 
-from builder.artifact.code import installed_code
 from builder.artifact.pack import PREAMBLE
+from builder.artifact.sources import installed_code
 from builder.provenance import pgbuild_version
 from runtime.artifact import BOOTSTRAP, CODE_MEMBERS, MANIFEST
 from runtime.errors import PgError

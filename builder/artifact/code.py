@@ -1,112 +1,24 @@
 """The code an artifact carries: its bootstrap, the runtime that evaluates, and the training code
 that makes a new artifact (`python artifact.py train`) where pgbuild is not installed.
 
-The challenge counts every byte of code that trains and evaluates, so both bundles ship minified
-(docstrings and comments dropped) as raw LZMA streams of {module: source}. The training bundle is
-the import closure of builder/standalone.py inside `builder`: what trains, calibrates, quantizes,
-fits and packs, and nothing of the audit, verify or the click/rich command line.
-
-An artifact rebuilt by its own training code carries the same code bytes: `Code.of_artifact`
-takes them from the running file rather than from sources, so they stay canonical.
+Both bundles ship as raw LZMA streams of {module: minified source} (builder/artifact/sources.py
+makes them from pgbuild's files). An artifact rebuilt by its own training code carries the same
+code bytes: `Code.of_artifact` takes them from the running file, so they stay canonical.
 """
 
-import ast
-import functools
 import json
 import lzma
 from dataclasses import dataclass
-from importlib import resources
-from pathlib import Path
 
-from builder.provenance import pgbuild_version
 from runtime.artifact import BOOTSTRAP, MANIFEST_DIGEST, RUNTIME, TRAINING
 from runtime.codec import LZMA_FILTERS
 
-TRAINING_ENTRY = "builder.standalone"
 DIGEST_PLACEHOLDER = "@MANIFEST_SHA256@"
-
-
-class _DropDocstrings(ast.NodeTransformer):
-    """Removes every statement that is a bare string literal (docstrings, field docs)."""
-
-    def _strip(self, node):
-        self.generic_visit(node)
-        body = [s for s in node.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)
-                                             and isinstance(s.value.value, str))]
-        node.body = body or [ast.Pass()]
-        return node
-
-    visit_Module = visit_ClassDef = visit_FunctionDef = visit_AsyncFunctionDef = _strip
-
-
-def minify(source):
-    """Source without docstrings or comments (ast.unparse drops comments)."""
-    return ast.unparse(_DropDocstrings().visit(ast.parse(source)))
-
-
-def source_root():
-    """The folder holding pgbuild's packages (called only where pgbuild is installed: the copy of
-    this module inside an artifact has no file)."""
-    return Path(__file__).resolve().parents[2]
-
-
-def module_path(name):
-    """The source file of a pgbuild module or package, or None if `name` is neither."""
-    base = source_root().joinpath(*name.split("."))
-    for path in (base.with_suffix(".py"), base / "__init__.py"):
-        if path.is_file():
-            return path
-    return None
-
-
-def imported_modules(name, package):
-    """The modules of `package` that module `name` imports, at any depth of its code."""
-    found = set()
-    for node in ast.walk(ast.parse(module_path(name).read_text())):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module)
-            found.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from pkg import module`
-    return {m for m in found if (m == package or m.startswith(package + ".")) and module_path(m)}
-
-
-def import_closure(entry, package):
-    """`entry` and every module of `package` it needs, parent packages included."""
-    seen, todo = set(), [entry]
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        parts = name.split(".")
-        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a.b.c runs a and a.b
-        todo += imported_modules(name, package)
-    return sorted(seen)
-
-
-def bundle_sources(names):
-    return {name: minify(module_path(name).read_text()) for name in names}
-
-
-def runtime_sources():
-    """{module name: minified source} for every module of the runtime package."""
-    return bundle_sources(["runtime"] + [f"runtime.{p.stem}" for p in sorted((source_root() / "runtime").glob("*.py"))
-                                         if p.stem != "__init__"])
-
-
-def training_sources():
-    """{module name: minified source} of the training code (builder/standalone.py's closure)."""
-    return bundle_sources(import_closure(TRAINING_ENTRY, "builder"))
 
 
 def compress_sources(sources):
     bundle = json.dumps(sources, separators=(",", ":")).encode()
     return lzma.compress(bundle, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
-
-
-def decompress_sources(data):
-    return json.loads(lzma.decompress(data, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS))
 
 
 @dataclass(frozen=True)
@@ -129,16 +41,3 @@ class Code:
         template = MANIFEST_DIGEST.sub(lambda m: m.group(0)[:-64] + placeholder, art.zip.read(BOOTSTRAP), count=1)
         members = {name: art.read(name) for name in (RUNTIME, TRAINING)}
         return cls(art.manifest.get("pgbuild"), template.decode(), members)
-
-
-@functools.cache
-def installed_code():
-    """The code this pgbuild writes (cached: packing builds many candidate artifacts)."""
-    template = minify(resources.files("templates").joinpath("bootstrap.py").read_text())
-    return Code(pgbuild_version(), template,
-                {RUNTIME: compress_sources(runtime_sources()), TRAINING: compress_sources(training_sources())})
-
-
-def bootstrap_source(manifest_sha256):
-    return installed_code().bootstrap(manifest_sha256)
-

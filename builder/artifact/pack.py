@@ -15,7 +15,6 @@ import zipfile
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
-from builder.artifact.code import Code, installed_code
 from builder.artifact.entropy import encode as rans_encode
 from builder.artifact.layout import RowOrders, nn_columns, reorderable
 from builder.quant.primitives import matrix_group
@@ -152,11 +151,10 @@ def stored_size(candidate, compressor):
     return len(compressor(raw)[1]) + (len(compressor(order_bytes(orders))[1]) if orders else 0)
 
 
-def build_artifact(encoded_tensors, info, compressor, code=None):
+def build_artifact(encoded_tensors, info, compressor, code):
     """The artifact's bytes. `info` holds the manifest's descriptive fields (model, eval, train,
-    tokenizer_sha256, recipe, provenance, metrics); `code` (builder/artifact/code.py) is
-    what it carries, by default this pgbuild's."""
-    code = code or installed_code()
+    tokenizer_sha256, recipe, provenance, metrics); `code` (builder/artifact/code.py) is what it
+    carries: this pgbuild's (builder/artifact/sources.py) or, retraining, the running artifact's."""
     raw_streams, tensors = build_streams(encoded_tensors)
     entries = [[t for t in tensors if t["data"][0] == index] for index in range(len(raw_streams))]
     candidates = [layout_candidates(name, raw, mine, compressor)
@@ -199,21 +197,6 @@ def write_container(manifest, members, code):
         for name, data in members.items():
             add(name, data, zipfile.ZIP_STORED)  # already compressed
     return out.getvalue()
-
-
-TRAINING_SCRIPT_FIELDS = ("model", "eval", "train", "recipe", "tokenizer_sha256")
-"""What a training script keeps of its artifact's manifest: the configuration, no weights or figures."""
-
-
-def training_script(art):
-    """The code of a verified artifact (runtime.artifact.Artifact) as a file of its own, the
-    train_gpt.py of a records folder: its bootstrap, runtime and training code with the
-    configuration, and no weights. Run without arguments (as torchrun runs a record's script) it
-    trains from ./data and writes artifact.py; `eval` refuses, having nothing to score."""
-    code = Code.of_artifact(art)
-    manifest = {"format": FORMAT_VERSION, "pgbuild": code.version, "default_argv": ["train"],
-                **{k: art.manifest[k] for k in TRAINING_SCRIPT_FIELDS if k in art.manifest}}
-    return write_container(manifest, dict(code.members), code)
 
 
 def _add_stream(members, streams, stream, raw, codec, data):

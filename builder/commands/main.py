@@ -98,7 +98,7 @@ def _train(preset, data, run=None, checkpoint=None, resume=None):
 
 
 def _checkpoint_saver(path, preset, ctx):
-    from builder.pipeline import save_checkpoint
+    from builder.checkpoint import save_checkpoint
     from builder.provenance import of_training
 
     def save(trainer):
@@ -143,6 +143,7 @@ def _print_result(summary, as_json):
 def train_and_pack(preset, config_file, assignments, nproc_per_node, nnodes, rdzv_endpoint, data, out, budget_bytes,
                    eval_tokens, eval_modes, recipe, allow_overtime, run_dir, as_json):
     """Train, quantize, fit the byte budget and write one self-contained artifact.py."""
+    from builder.artifact.sources import installed_code
     from builder.pipeline import parse_modes, quantize_and_pack
     from builder.provenance import of_training
     from builder.rundir import CHECKPOINT
@@ -156,11 +157,12 @@ def train_and_pack(preset, config_file, assignments, nproc_per_node, nnodes, rdz
         raise PgError("train.checkpoint_every needs --run-dir (the checkpoint goes to RUN_DIR/checkpoint.pt)")
     run = _run_dir(run_dir)
     checkpoint = run.file(CHECKPOINT) if run and preset.train.checkpoint_every else None
+    modes = parse_modes(eval_modes)
+    code = installed_code()  # before the clock starts: the same bytes for every build of this pgbuild
     ctx, layout, result = _train(preset, data, run, checkpoint)
     summary = quantize_and_pack(result.model, preset, layout, out, ctx, of_training(preset, result, ctx.world),
-                                eval_tokens, parse_modes(eval_modes),
-                                report=console.print if ctx.is_main else (lambda *_: None), progress=_progress(as_json),
-                                allow_overtime=allow_overtime)
+                                eval_tokens, modes, report=console.print if ctx.is_main else (lambda *_: None),
+                                progress=_progress(as_json), allow_overtime=allow_overtime, code=code)
     if ctx.is_main:
         if run is not None:
             run.write_summary(summary, preset_name)
@@ -187,7 +189,7 @@ def _progress(as_json):
               help="folder for config.json, train_log.jsonl and loss.png (builder/rundir.py)")
 def train(preset, config_file, assignments, nproc_per_node, nnodes, rdzv_endpoint, data, out, resume, run_dir):
     """Train only, writing a checkpoint for `pgbuild quantize` (or `pgbuild train --resume`)."""
-    from builder.pipeline import load_training_state
+    from builder.checkpoint import load_training_state
 
     maybe_relaunch(nproc_per_node, nnodes, rdzv_endpoint)
     state = None
@@ -220,7 +222,9 @@ def train(preset, config_file, assignments, nproc_per_node, nnodes, rdzv_endpoin
 def quantize(checkpoint, data, out, budget_bytes, assignments, eval_tokens, eval_modes, recipe, allow_overtime, report,
              as_json):
     """Quantize a checkpoint, fit the budget and write the artifact, without retraining."""
-    from builder.pipeline import load_checkpoint, parse_modes, prepare_data, quantize_and_pack
+    from builder.artifact.sources import installed_code
+    from builder.checkpoint import load_checkpoint
+    from builder.pipeline import parse_modes, prepare_data, quantize_and_pack
     from builder.train.trainer import setup_context
 
     ctx = setup_context()
@@ -229,7 +233,8 @@ def quantize(checkpoint, data, out, budget_bytes, assignments, eval_tokens, eval
                              list(assignments) + ([f"quant.budget_bytes={budget_bytes}"] if budget_bytes else []))
     layout = prepare_data(data, preset)
     summary = quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, parse_modes(eval_modes),
-                                report=console.print, progress=_progress(as_json), allow_overtime=allow_overtime)
+                                report=console.print, progress=_progress(as_json), allow_overtime=allow_overtime,
+                                code=installed_code())
     if report and not as_json:
         _print_tensor_report(summary["tensors"])
     _print_result(summary, as_json)
@@ -260,7 +265,8 @@ def eval_checkpoint(checkpoint, data, mode, max_val_tokens, as_json):
     """The unquantized model's bpb, with the artifact's own evaluation code."""
     import sentencepiece as spm
 
-    from builder.pipeline import load_checkpoint, prepare_data, val_stream
+    from builder.checkpoint import load_checkpoint
+    from builder.pipeline import prepare_data, val_stream
     from builder.progress import scoring_progress
     from builder.train.trainer import setup_context
     from runtime.baselines import baselines, describe
@@ -289,7 +295,7 @@ def eval_checkpoint(checkpoint, data, mode, max_val_tokens, as_json):
 def import_checkpoint(checkpoint, fmt, out, preset, config_file, assignments):
     """Turn another training script's weights into a pgbuild checkpoint (for eval and quantize);
     the preset (+ --config, --set) gives the shapes, which must match the file's exactly."""
-    from builder.pipeline import save_checkpoint
+    from builder.checkpoint import save_checkpoint
     from builder.train.importer import import_r0409
 
     preset = resolve_preset(preset, config_file, assignments)

@@ -10,7 +10,8 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
-from builder.artifact.pack import training_script
+from builder.artifact.code import Code
+from builder.artifact.pack import FORMAT_VERSION, write_container
 from builder.judge.evaltime import run_warnings, validation_positions
 from builder.judge.runs import load_run
 from builder.judge.stats import mean_std
@@ -156,6 +157,21 @@ def _copy_logs(run, folder):
         shutil.copyfile(log, os.path.join(folder, name))
         names.append(name)
     return names
+
+
+TRAINING_SCRIPT_FIELDS = ("model", "eval", "train", "recipe", "tokenizer_sha256")
+"""What a training script keeps of its artifact's manifest: the configuration, no weights or figures."""
+
+
+def training_script(art):
+    """The code of a verified artifact (runtime.artifact.Artifact) as a file of its own, the
+    train_gpt.py of a records folder: its bootstrap, runtime and training code with the
+    configuration, and no weights. Run without arguments (as torchrun runs a record's script) it
+    trains from ./data and writes artifact.py; `eval` refuses, having nothing to score."""
+    code = Code.of_artifact(art)
+    manifest = {"format": FORMAT_VERSION, "pgbuild": code.version, "default_argv": ["train"],
+                **{k: art.manifest[k] for k in TRAINING_SCRIPT_FIELDS if k in art.manifest}}
+    return write_container(manifest, dict(code.members), code)
 
 
 def model_bytes(art):
