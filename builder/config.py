@@ -173,6 +173,10 @@ class QuantConfig(ConfigBase):
     codecs: tuple = ("brotli", "lzma", "rans")
     """Codecs tried on every weight stream; the smallest output wins. "rans" is pgbuild's own
     static-model coder (builder/artifact/entropy.py), smallest on most integer code streams."""
+    codec_sample_bytes: int = 262_144
+    """A weight stream of at least 4x this many bytes is compressed in full only with the codecs
+    whose output on a sample of this size (4 evenly spaced slices) is within 1% of the best one's;
+    0 compresses every stream with every codec."""
     reorder_groups: tuple = ("tok_emb",)
     """Matrix groups whose code streams are also tried with rows in greedy L1 nearest-neighbour
     order and transposed (the top record does tok_emb, attn_q and mlp_fc); the smaller layout wins,

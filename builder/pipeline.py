@@ -14,7 +14,7 @@ import io
 import numpy as np
 import torch.distributed as dist
 
-from builder.artifact.budget import allocate, fit_budget, measured_bytes
+from builder.artifact.budget import allocate, candidate_rows, fit_budget, measured_bytes
 from builder.artifact.pack import StreamCompressor, build_artifact
 from builder.quant.calibration import LossProbe, collect_hessians
 from builder.quant.policy import Quantizer
@@ -60,6 +60,39 @@ def parse_modes(text):
 @contextlib.contextmanager
 def no_progress():
     yield None
+
+
+def encode_shares(quantizer, ctx):
+    """Every rank quantizes its share of the tensors (`Quantizer.share`) and rank 0 gathers the
+    results; returns, on rank 0, the allocator's rows for the 'rd' allocation (the candidates'
+    encodings are too many to send: rank 0 encodes the ones it picks) or {} after absorbing the
+    default plan's encodings. A rank's refusal is raised on rank 0."""
+    rd = quantizer.qcfg.allocation == "rd"
+    mine = quantizer.share(ctx.rank, ctx.world)
+    try:
+        if rd:
+            result = ({name: candidate_rows(quantizer, name) for name in mine}, ({}, quantizer.computed(mine)[1]))
+        else:
+            plan = quantizer.default_plan()
+            for name in mine:
+                quantizer.encode(name, plan[name])
+            result = ({}, quantizer.computed(mine))
+    except PgError as e:
+        result = str(e)
+    results = [result]
+    if ctx.world > 1:
+        results = [None] * ctx.world if ctx.is_main else None
+        dist.gather_object(result, results, dst=0)
+    if not ctx.is_main:
+        return None
+    table = {}
+    for result in results:
+        if isinstance(result, str):
+            raise PgError(result)
+        rows, computed = result
+        table.update(rows)
+        quantizer.absorb(computed)
+    return table
 
 
 def val_stream(layout, preset, max_tokens):
@@ -110,15 +143,23 @@ def quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, eval_m
     report("collecting Hessians from training batches")
     with watch("hessians"):  # every rank forwards its share of the calibration batches
         hessians = collect_hessians(model, layout, qcfg, tcfg.seq_len, ctx.device, tcfg.seed, ctx.rank, ctx.world)
+    probe = None
+    if qcfg.allocation == "rd" and qcfg.probe_tokens:
+        probe = LossProbe(model, layout, tcfg.seq_len, qcfg.probe_tokens, ctx.device, tcfg.seed)
+    quantizer = Quantizer(model.state_dict(), hessians, qcfg, probe)
+    report(f"quantizing (GPTQ + SDClip), the tensors split across {ctx.world} rank(s)")
+    with watch("gptq"):
+        try:
+            table, shared_refusal = encode_shares(quantizer, ctx), None
+        except PgError as e:
+            table, shared_refusal = None, str(e)
     if ctx.is_main:
         # A refusal on rank 0 (no fit, an unwritable --out, over time) travels with the blob, so
         # every rank raises it together instead of the others waiting in the broadcast.
         try:
-            probe = None
-            if qcfg.allocation == "rd" and qcfg.probe_tokens:
-                probe = LossProbe(model, layout, tcfg.seq_len, qcfg.probe_tokens, ctx.device, tcfg.seed)
-            quantizer = Quantizer(model.state_dict(), hessians, qcfg, probe)
-            compressor = StreamCompressor(qcfg.codecs, qcfg.reorder_groups)
+            if shared_refusal:
+                raise PgError(shared_refusal)
+            compressor = StreamCompressor(qcfg.codecs, qcfg.reorder_groups, sample_bytes=qcfg.codec_sample_bytes)
 
             def pack(plan, metrics=None, stage="compress"):
                 """The artifact for `plan`; the fit packs without figures, the final pack ("repack",
@@ -128,10 +169,12 @@ def quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, eval_m
                 with watch(stage):
                     return build_artifact(encoded, {**info, "metrics": metrics or {}}, compressor, code)
 
-            report("quantizing (GPTQ + SDClip) and packing")
-            fit = allocate if qcfg.allocation == "rd" else fit_budget
+            report("fitting the budget and packing")
             with watch("gptq", exclude="compress"):
-                plan, blob = fit(quantizer, pack, qcfg.budget_bytes, METRICS_RESERVE_BYTES, report)
+                if qcfg.allocation == "rd":
+                    plan, blob = allocate(quantizer, pack, qcfg.budget_bytes, METRICS_RESERVE_BYTES, report, table)
+                else:
+                    plan, blob = fit_budget(quantizer, pack, qcfg.budget_bytes, METRICS_RESERVE_BYTES, report)
             with watch("serialize"):
                 write_atomic(out, blob, "artifact", mode=0o755)
             report(describe(watch.seconds, tcfg.max_wallclock_seconds, tcfg.time_rule, prov.get("steps"),

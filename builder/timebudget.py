@@ -141,12 +141,12 @@ def estimate_post_training(model, layout, preset, device):
         model.looping = looping
         model.train(training)
     quantizer = Quantizer(model.state_dict(), hessians, qcfg)
-    compressor = StreamCompressor(qcfg.codecs, qcfg.reorder_groups)
+    compressor = StreamCompressor(qcfg.codecs, qcfg.reorder_groups, sample_bytes=qcfg.codec_sample_bytes)
     plan = quantizer.default_plan()
     by_shape = {}
     for name in plan:
         by_shape.setdefault(tuple(quantizer.state[name].shape), []).append(name)
-    gptq = compress = 0.0
+    gptq = compress = picked = 0.0
     for names in by_shape.values():
         name = names[0]
         encoded, encode_seconds = _timed(lambda: quantizer.encode(name, plan[name]))
@@ -155,8 +155,12 @@ def estimate_post_training(model, layout, preset, device):
         if qcfg.allocation == "rd":  # every candidate is encoded and its bytes measured
             _, measure_seconds = _timed(lambda: measured_bytes(encoded))
             per_tensor = (encode_seconds + measure_seconds) * len(quantizer.candidates(name))
+            picked += encode_seconds * len(names)
         gptq += per_tensor * len(names)
         compress += compress_seconds * len(names)
+    # The ranks split the tensors (pipeline.encode_shares); with 'rd' rank 0 then encodes the
+    # candidates it picks, which were computed on other ranks.
+    gptq = gptq / world + picked
     # Streams are compressed in parallel at pack time, so timing them one by one here errs on the
     # safe side. The code members are made before training starts (or copied, retraining).
     return {"hessians": batch_seconds * qcfg.calibration_batches, "gptq": gptq, "compress": compress}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from builder.artifact.pack import PREAMBLE, StreamCompressor, build_artifact
+from builder.artifact.pack import PREAMBLE, StreamCompressor, build_artifact, codec_sample, contenders
 from builder.artifact.sources import installed_code, minify, runtime_sources
 from builder.config import QuantConfig
 from builder.quant.policy import Choice, Quantizer
@@ -163,3 +163,25 @@ def test_the_trained_artifact_evaluates_identically_after_repacking_with_rans(ar
     assert "rans" in {s["codec"] for s in repacked.manifest["streams"]}
     after = decode_state(repacked.manifest, repacked.read)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_codec_sample_spans_the_stream_and_skips_small_ones():
+    raw = bytes(range(256)) * 64  # 16 KiB
+    assert codec_sample(raw, 8192) is None and codec_sample(raw, 0) is None
+    sample = codec_sample(raw, 1024)
+    assert len(sample) == 1024 and sample[:256] == raw[:256] and sample[-256:] == raw[-256:]
+    assert contenders({"brotli": 100, "lzma": 100.9, "rans": 120}) == ["brotli", "lzma"]
+    assert contenders({"brotli": 130, "lzma": 120, "rans": 100}) == ["rans"]
+
+
+def test_codec_chosen_from_a_sample_gives_the_exhaustive_bytes_where_clear():
+    rng = np.random.default_rng(0)
+    codes = np.clip(np.round(rng.laplace(0, 4, 400_000)), -31, 31).astype(np.int8).tobytes()
+    scales = rng.normal(0, 1, 100_000).astype(np.float16).tobytes()
+    codecs = ("brotli", "lzma", "rans")
+    exhaustive = [StreamCompressor(codecs, workers=1)(raw) for raw in (codes, scales)]
+    sampled = StreamCompressor(codecs, workers=1, sample_bytes=32_768)
+    assert [sampled(raw) for raw in (codes, scales)] == exhaustive
+    parallel = StreamCompressor(codecs, workers=2, parallel_min_bytes=0, sample_bytes=32_768)
+    parallel.prefetch([codes, scales])
+    assert [parallel(raw) for raw in (codes, scales)] == exhaustive

@@ -160,24 +160,31 @@ def _spend_leftover(picks, table, target):
         picks[name] = row
 
 
-def allocate(quantizer, pack, budget, reserve=0, report=print):
+def candidate_rows(quantizer, name):
+    """[(choice, error in loss units, measured bytes)] for every candidate encoding of a tensor."""
+    scale = quantizer.loss_per_error(name)
+    rows = []
+    for choice in quantizer.candidates(name):
+        encoded = quantizer.encode(name, choice)
+        rows.append((choice, scale * encoded.error, measured_bytes(encoded)))
+    return rows
+
+
+def allocate(quantizer, pack, budget, reserve=0, report=print, table=None):
     """Rate-distortion allocation: choose each matrix's encoding (bit width, clip, transform)
     to minimize the summed Hessian-weighted error, each tensor's in loss units when the quantizer
     has a loss probe, subject to the packed file fitting.
 
     Candidate bytes are measured per tensor; what they do not capture (code, manifest, control
     tensors, container, cross-tensor compression) is measured by packing for real, and the target
-    is corrected from that measurement until the file fits within 0.5% of the budget.
+    is corrected from that measurement until the file fits within 0.5% of the budget. `table`
+    holds rows already computed ({name: candidate_rows}, by the ranks that split the work).
     Returns (plan, artifact bytes)."""
     cap = budget - reserve
-    table = {}
+    table = dict(table or {})
     for name in quantizer.quantized_names():
-        rows = []
-        scale = quantizer.loss_per_error(name)
-        for choice in quantizer.candidates(name):
-            encoded = quantizer.encode(name, choice)
-            rows.append((choice, scale * encoded.error, measured_bytes(encoded)))
-        table[name] = rows
+        if name not in table:
+            table[name] = candidate_rows(quantizer, name)
     target, best, closest = cap, None, None
     for attempt in range(8):
         picks = _spend_leftover(_best_within(table, target), table, target)

@@ -72,6 +72,10 @@ def compress(codec, raw):
 
 PARALLEL_MIN_BYTES = 1 << 20
 """Below this much raw data a pool costs more than it saves."""
+SAMPLE_PIECES = 4
+CODEC_MARGIN = 0.01
+"""A codec whose sample comes out within this fraction of the best one's is tried on the whole
+stream too: the sample decides only where it is clear."""
 
 
 def _compress_job(job):
@@ -80,21 +84,54 @@ def _compress_job(job):
     return codec, compress(codec, raw)
 
 
+def codec_sample(raw, sample_bytes):
+    """`SAMPLE_PIECES` evenly spaced slices of `raw`, `sample_bytes` in all, or None when the
+    stream is too small for a sample to save anything (under 4 x sample_bytes)."""
+    if not sample_bytes or len(raw) < 4 * sample_bytes:
+        return None
+    piece = sample_bytes // SAMPLE_PIECES
+    step = (len(raw) - piece) // (SAMPLE_PIECES - 1)
+    return b"".join(raw[i * step:i * step + piece] for i in range(SAMPLE_PIECES))
+
+
+def contenders(sizes):
+    """The codecs, in their configured order, whose sample size is within CODEC_MARGIN of the
+    smallest: {codec: sample bytes} -> [codec]."""
+    best = min(sizes.values())
+    return [codec for codec, size in sizes.items() if size <= best * (1 + CODEC_MARGIN)]
+
+
 class StreamCompressor:
     """Compresses each stream with every codec, keeps the smallest, and remembers results so
     that repacking after a small change recompresses only the streams that changed.
 
     `prefetch` compresses many streams at once in `workers` processes (default: one per core this
     process may use). Packing is rank 0's job while the other ranks wait, so the host's cores are
-    free; the bytes are the same as compressing one stream after another."""
+    free; the bytes are the same as compressing one stream after another.
 
-    def __init__(self, codecs, reorder_groups=(), workers=None, parallel_min_bytes=PARALLEL_MIN_BYTES):
+    A stream of at least 4 x `sample_bytes` is first compressed as a sample (`codec_sample`) with
+    every codec, and in full only with the codecs that came out within CODEC_MARGIN of the best
+    (`contenders`): most often one, instead of all three on megabytes. 0 tries every codec on
+    every whole stream."""
+
+    def __init__(self, codecs, reorder_groups=(), workers=None, parallel_min_bytes=PARALLEL_MIN_BYTES,
+                 sample_bytes=0):
         self.codecs = tuple(codecs)
         self.reorder_groups = tuple(reorder_groups)
         self.workers = workers or free_cores()
         self.parallel_min_bytes = parallel_min_bytes
+        self.sample_bytes = sample_bytes
         self._cache = {}
         self.row_orders = RowOrders()
+
+    def _codecs_for(self, raws, run):
+        """[[codec] to compress each of `raws` with in full], samples compressed through `run`
+        (a map over (codec, data) jobs)."""
+        samples = [codec_sample(raw, self.sample_bytes) for raw in raws]
+        jobs = [(codec, sample) for sample in samples if sample is not None for codec in self.codecs]
+        sizes = iter(len(data) for _, data in run(jobs))
+        return [list(self.codecs) if sample is None else contenders({c: next(sizes) for c in self.codecs})
+                for sample in samples]
 
     def _keep_smallest(self, key, results):
         self._cache[key] = min(results, key=lambda c: len(c[1]))  # the first codec wins a tie
@@ -102,7 +139,8 @@ class StreamCompressor:
     def __call__(self, raw):
         key = hashlib.sha256(raw).digest()
         if key not in self._cache:
-            self._keep_smallest(key, [_compress_job((codec, raw)) for codec in self.codecs])
+            codecs = self._codecs_for([raw], lambda jobs: map(_compress_job, jobs))[0]
+            self._keep_smallest(key, [_compress_job((codec, raw)) for codec in codecs])
         return self._cache[key]
 
     def prefetch(self, raws):
@@ -112,22 +150,27 @@ class StreamCompressor:
             key = hashlib.sha256(raw).digest()
             if key not in self._cache:
                 todo.setdefault(key, raw)
-        jobs = [(codec, raw) for raw in todo.values() for codec in self.codecs]
         # fork: the workers need only this module's numpy and stdlib codecs, and start at once
         # (where there is no fork, and for small work, the streams are compressed in turn).
         if self.workers < 2 or sum(len(raw) for raw in todo.values()) < self.parallel_min_bytes \
                 or "fork" not in multiprocessing.get_all_start_methods():
             return
-        # One job per stream and codec, largest first, so the longest jobs start at once.
-        order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i][1]))
         try:
             context = multiprocessing.get_context("fork")
-            with ProcessPoolExecutor(min(self.workers, len(jobs)), mp_context=context) as pool:
-                done = dict(zip(order, pool.map(_compress_job, [jobs[i] for i in order])))
+            with ProcessPoolExecutor(min(self.workers, len(todo) * len(self.codecs)), mp_context=context) as pool:
+                def run(jobs):
+                    # Largest first, so the longest jobs start at once.
+                    order = sorted(range(len(jobs)), key=lambda i: -len(jobs[i][1]))
+                    done = dict(zip(order, pool.map(_compress_job, [jobs[i] for i in order])))
+                    return [done[i] for i in range(len(jobs))]
+
+                raws = list(todo.values())
+                codecs = self._codecs_for(raws, run)
+                done = iter(run([(codec, raw) for raw, mine in zip(raws, codecs) for codec in mine]))
         except BrokenProcessPool:  # a worker was killed (out of memory, say): compress in turn instead
             return
-        for n, key in enumerate(todo):
-            self._keep_smallest(key, [done[n * len(self.codecs) + c] for c in range(len(self.codecs))])
+        for key, mine in zip(todo, codecs):
+            self._keep_smallest(key, [next(done) for _ in mine])
 
 
 def order_bytes(orders):

@@ -85,6 +85,23 @@ class Quantizer:
     def quantized_names(self):
         return [n for n, t in self.state.items() if is_quantized(n, t, self.qcfg)]
 
+    def share(self, rank, world):
+        """Rank `rank`'s part of the quantized tensors when `world` ranks split the work: dealt
+        largest first, round-robin, so every rank gets about as many parameters."""
+        return sorted(self.quantized_names(), key=lambda n: -self.state[n].numel())[rank::world]
+
+    def computed(self, names):
+        """(encodings, loss scales) this quantizer has computed for `names`: what a rank sends to
+        the one that packs, which `absorb`s them."""
+        wanted = set(names)
+        return ({key: value for key, value in self._cache.items() if key[0] in wanted},
+                {name: value for name, value in self._loss_per_error.items() if name in wanted})
+
+    def absorb(self, computed):
+        encodings, scales = computed
+        self._cache.update(encodings)
+        self._loss_per_error.update(scales)
+
     def default_plan(self):
         """{tensor name: Choice} for quantized tensors, from the recipe table."""
         return {n: Choice(recipe_bits_and_k(n, self.qcfg)[0]) for n in self.quantized_names()}
