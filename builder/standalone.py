@@ -4,10 +4,10 @@ Every artifact carries this module and what it imports (builder/artifact/code.py
 challenge counts the code that trains as well as the code that evaluates. It trains a new model
 with the configuration in the artifact's manifest (changed by `--set`), quantizes and packs it
 exactly as `pgbuild train-and-pack` does, and writes a new artifact holding the same code. Under
-torchrun the ranks split the work. Only argparse here: the artifact has no click or rich.
+torchrun the ranks split the work. Only argparse here (runtime.cli's parser, which refuses in one
+line): the artifact has no click or rich.
 """
 
-import argparse
 import json
 import sys
 
@@ -17,14 +17,10 @@ from builder.pipeline import parse_modes, prepare_data, quantize_and_pack
 from builder.provenance import of_training
 from builder.train.trainer import setup_context, train
 from runtime.artifact import Artifact
+from runtime.cli import ArgumentParser, positive_int
 from runtime.errors import PgError, refuse
 from runtime.files import file_sha256
 from runtime.threads import set_threads
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):
-        raise PgError(f"{self.prog}: {message} (see --help)")
 
 
 def parse_args(argv):
@@ -35,11 +31,12 @@ def parse_args(argv):
     parser.add_argument("--out", default="artifact.py", help="artifact file to write (default: artifact.py)")
     parser.add_argument("--set", dest="assignments", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="change one setting of the configuration, e.g. train.iterations=500 (repeatable)")
-    parser.add_argument("--eval-tokens", type=int, default=1_000_000, help="validation prefix scored at build time")
+    parser.add_argument("--eval-tokens", type=positive_int, default=1_000_000,
+                        help="validation prefix scored at build time")
     parser.add_argument("--eval-modes", default="standard,sliding,ttt", help="modes scored at build time")
     parser.add_argument("--allow-overtime", action="store_true",
                         help="write the artifact even if producing it took longer than train.max_wallclock_seconds")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: the cores not busy)")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: the cores not busy)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return parser.parse_args(argv)
 

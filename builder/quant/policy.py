@@ -86,9 +86,17 @@ class Quantizer:
         return [n for n, t in self.state.items() if is_quantized(n, t, self.qcfg)]
 
     def share(self, rank, world):
-        """Rank `rank`'s part of the quantized tensors when `world` ranks split the work: dealt
-        largest first, round-robin, so every rank gets about as many parameters."""
-        return sorted(self.quantized_names(), key=lambda n: -self.state[n].numel())[rank::world]
+        """Rank `rank`'s part of the quantized tensors when `world` ranks split the work. GPTQ's
+        cost grows as rows x columns^2 (a Cholesky sweep over the columns for every row), so the
+        tensors are dealt costliest first, each to the rank with the least work so far."""
+        cost = lambda name: self.state[name].shape[0] * self.state[name].shape[1] ** 2  # noqa: E731
+        loads, mine = [0] * world, []
+        for name in sorted(self.quantized_names(), key=lambda n: (-cost(n), n)):
+            least = loads.index(min(loads))
+            loads[least] += cost(name)
+            if least == rank:
+                mine.append(name)
+        return mine
 
     def computed(self, names):
         """(encodings, loss scales) this quantizer has computed for `names`: what a rank sends to
