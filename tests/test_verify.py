@@ -221,6 +221,16 @@ def test_the_bundled_runtime_stays_private(honest):
     assert honest["passed"]
 
 
+def test_an_artifact_older_than_runtime_api_is_refused_as_older(artifact, demo_data, tmp_path):
+    """Packed before pgbuild 0.2.0, an artifact's runtime has no runtime.api: not damaged, older."""
+    path = repack(artifact, tmp_path / "older.py", lambda sources: {k: v for k, v in sources.items()
+                                                                     if k != "runtime.api"})
+    proc = run_pgbuild("verify", path, "--data", demo_data, "--tokens", 600, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "lacks runtime.api" in lines[0]
+    assert "pack it again" in lines[0] and lines[0].count("pgbuild 0.") == 1
+
+
 def test_bad_requests_are_one_line_errors(artifact, demo_data):
     bad = run_pgbuild("verify", artifact, "--data", demo_data, "--set", "eval.nonsense=1", check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --set") and "Traceback" not in bad.stderr

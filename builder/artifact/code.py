@@ -6,19 +6,11 @@ makes them from pgbuild's files). An artifact rebuilt by its own training code c
 code bytes: `Code.of_artifact` takes them from the running file, so they stay canonical.
 """
 
-import json
-import lzma
 from dataclasses import dataclass
 
 from runtime.artifact import BOOTSTRAP, MANIFEST_DIGEST, RUNTIME, TRAINING
-from runtime.codec import LZMA_FILTERS
 
 DIGEST_PLACEHOLDER = "@MANIFEST_SHA256@"
-
-
-def compress_sources(sources):
-    bundle = json.dumps(sources, separators=(",", ":")).encode()
-    return lzma.compress(bundle, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
 
 
 @dataclass(frozen=True)

@@ -2,21 +2,26 @@
 and the training code, minified.
 
 The challenge counts every byte of code that trains and evaluates, so both bundles drop
-docstrings and comments. The training bundle is the import
-closure of builder/standalone.py inside `builder`: what trains, calibrates, quantizes, fits and
-packs, and nothing of the audit, verify or the click/rich command line (nor this module: an
-artifact copies its own code instead, builder/artifact/code.py).
+docstrings and comments. The training bundle is the import closure of builder/standalone.py
+inside `builder`: what trains, calibrates, quantizes, fits and packs, and nothing of the audit,
+verify or the click/rich command line (nor this module: an artifact copies its own code instead,
+builder/artifact/code.py).
 """
 
 import ast
 import functools
+import json
+import lzma
 from importlib import resources
 from pathlib import Path
 
-from builder.artifact.code import Code, compress_sources
+from builder.artifact.code import Code
 from builder.provenance import pgbuild_version
 from runtime.artifact import RUNTIME, TRAINING
+from runtime.codec import LZMA_FILTERS
 
+ROOT = Path(__file__).resolve().parents[2]
+"""The folder holding pgbuild's packages."""
 TRAINING_ENTRY = "builder.standalone"
 
 
@@ -38,15 +43,9 @@ def minify(source):
     return ast.unparse(_DropDocstrings().visit(ast.parse(source)))
 
 
-def source_root():
-    """The folder holding pgbuild's packages (called only where pgbuild is installed: the copy of
-    this module inside an artifact has no file)."""
-    return Path(__file__).resolve().parents[2]
-
-
 def module_path(name):
     """The source file of a pgbuild module or package, or None if `name` is neither."""
-    base = source_root().joinpath(*name.split("."))
+    base = ROOT.joinpath(*name.split("."))
     for path in (base.with_suffix(".py"), base / "__init__.py"):
         if path.is_file():
             return path
@@ -79,13 +78,19 @@ def import_closure(entry, package):
     return sorted(seen)
 
 
+def compress_sources(sources):
+    """{module: source} as the raw LZMA stream of its JSON, which the bootstrap decodes."""
+    bundle = json.dumps(sources, separators=(",", ":")).encode()
+    return lzma.compress(bundle, format=lzma.FORMAT_RAW, filters=LZMA_FILTERS)
+
+
 def bundle_sources(names):
     return {name: minify(module_path(name).read_text()) for name in names}
 
 
 def runtime_sources():
     """{module name: minified source} for every module of the runtime package."""
-    return bundle_sources(["runtime"] + [f"runtime.{p.stem}" for p in sorted((source_root() / "runtime").glob("*.py"))
+    return bundle_sources(["runtime"] + [f"runtime.{p.stem}" for p in sorted((ROOT / "runtime").glob("*.py"))
                                          if p.stem != "__init__"])
 
 

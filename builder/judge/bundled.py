@@ -13,6 +13,7 @@ import json
 import lzma
 import sys
 
+from builder.provenance import pgbuild_version
 from runtime.codec import LZMA_FILTERS
 from runtime.errors import PgError
 
@@ -42,12 +43,16 @@ class BundledRuntime:
     """An artifact's runtime sources imported as a private package (`_pgverify_N`), so the
     builder's own `runtime` is never touched; `close()` drops the modules again."""
 
-    def __init__(self, sources, origin):
+    def __init__(self, sources, origin, built_by=None):
         bad = [n for n in sources if n != "runtime" and not n.startswith("runtime.")]
         missing = [n for n in REQUIRED_MODULES if n not in sources]
-        if bad or missing:
-            raise PgError(f"{origin}: runtime.xz holds {sorted(sources)}; expected the runtime package"
-                          + (f" (missing {', '.join(missing)})" if missing else ""))
+        if bad:
+            raise PgError(f"{origin}: runtime.xz holds {sorted(bad)}, outside the runtime package")
+        if missing:
+            # What verify calls moved in pgbuild 0.2.0 (runtime.api): an older artifact is not damaged, only older.
+            raise PgError(f"{origin}: its runtime lacks {', '.join(missing)}, which verify calls: it was packed by "
+                          f"pgbuild {built_by or 'of an unknown version'}, this is {pgbuild_version()}; "
+                          "pack it again with this pgbuild to verify it")
         self.package = f"_pgverify_{next(_namespaces)}"
         renamed = {self.package + name[len("runtime"):]: text for name, text in sources.items()}
         finder = _SourceFinder(renamed, origin)

@@ -173,7 +173,7 @@ def verify_artifact(path, data, tokens=None, modes=None, assignments=(), probes=
 
     _, art = open_verified(path)
     manifest = art.manifest
-    rt = BundledRuntime(bundled_sources(art), path)
+    rt = BundledRuntime(bundled_sources(art), path, art.manifest.get("pgbuild"))
     try:
         modes = list(modes or rt.evaluate.MODES)
         unknown = [m for m in modes if m not in rt.evaluate.MODES]
