@@ -19,14 +19,14 @@ from builder.artifact.pack import StreamCompressor, build_artifact
 from builder.quant.calibration import LossProbe, collect_hessians
 from builder.quant.policy import Quantizer
 from builder.timebudget import Stopwatch, describe, overtime, stop_rule, timing_summary
-from runtime.api import load_model
+from runtime.api import byte_counts, load_model
 from runtime.artifact import Artifact
 from runtime.baselines import baselines
 from runtime.config import MODES
 from runtime.data import find_data, load_tokens
 from runtime.distributed import Ranks
 from runtime.errors import PgError
-from runtime.evaluate import byte_tables, evaluate, trim_stream
+from runtime.evaluate import evaluate, trim_stream
 from runtime.files import file_sha256, write_atomic
 
 METRICS_RESERVE_BYTES = 1024
@@ -105,7 +105,8 @@ def measure(model, blob, layout, preset, device, tokens, modes, track=None):
     on_score hook that shows progress (builder/progress.py)."""
     import sentencepiece as spm
 
-    tables = byte_tables(spm.SentencePieceProcessor(model_file=layout.tokenizer), preset.model.vocab_size)
+    sp = spm.SentencePieceProcessor(model_file=layout.tokenizer)
+    tables = byte_counts(layout, sp, preset.model.vocab_size, tokens, layout.has_byte_sidecar())
     figures = {"eval_tokens": int(len(tokens) - 1)}
     figures.update({k: round(v, 5) for k, v in baselines(tokens, tables, preset.model.vocab_size).items()})
     world = Ranks().world
@@ -136,7 +137,7 @@ def quantize_and_pack(model, preset, layout, out, ctx, prov, eval_tokens, eval_m
     qcfg, tcfg = preset.quant, preset.train
     tokens = val_stream(layout, preset, eval_tokens)  # a bad --eval-tokens fails now, not after GPTQ
     info = {"model": preset.model.to_dict(), "eval": preset.eval.to_dict(), "train": tcfg.to_dict(),
-            "tokenizer_sha256": file_sha256(layout.tokenizer),
+            "tokenizer_sha256": file_sha256(layout.tokenizer), "byte_sidecar": layout.has_byte_sidecar(),
             "recipe": {"method": "gptq+sdclip", **qcfg.to_dict()}, "provenance": prov}
     blob = plan = refusal = None
     watch = Stopwatch(train=prov.get("train_seconds", 0.0))

@@ -10,7 +10,7 @@ from .codec import decode_state
 from .config import ModelConfig
 from .data import find_data, load_tokens
 from .errors import PgError
-from .evaluate import trim_stream
+from .evaluate import SidecarBytes, byte_tables, trim_stream
 from .files import file_sha256
 from .model import GPT
 
@@ -40,10 +40,17 @@ def load_tokenizer(path, manifest, force):
     return sp
 
 
+def byte_counts(layout, sp, vocab, tokens, sidecar):
+    """How the bytes of `tokens` (a validation prefix) are counted: from the dataset's sidecar
+    (runtime.evaluate.SidecarBytes) when `sidecar`, else from the tokenizer's pieces."""
+    return SidecarBytes(load_tokens(layout, "val_bytes", len(tokens))) if sidecar else byte_tables(sp, vocab)
+
+
 def load_validation(data, manifest, tokenizer, max_tokens, seq_len, *, force=False):
-    """(validation tokens, tokenizer) of the dataset directory `data`: its first `max_tokens`
-    validation tokens (all when None) trimmed to whole seq_len sequences, and the tokenizer
-    `tokenizer` or else the one under `data`, checked as load_tokenizer checks it."""
+    """(validation tokens, tokenizer, byte counts) of the dataset directory `data`: its first
+    `max_tokens` validation tokens (all when None) trimmed to whole seq_len sequences, the
+    tokenizer `tokenizer` or else the one under `data`, checked as load_tokenizer checks it, and
+    `byte_counts` as the manifest says (a CaseOps build needs the dataset's byte sidecar)."""
     vocab = manifest["model"]["vocab_size"]
     layout = find_data(data, vocab, tokenizer)
     sp = load_tokenizer(layout.tokenizer, manifest, force)
@@ -51,4 +58,4 @@ def load_validation(data, manifest, tokenizer, max_tokens, seq_len, *, force=Fal
     if int(tokens.max()) >= vocab:
         raise PgError(f"validation shards hold token id {int(tokens.max())} >= vocab {vocab}; "
                       "wrong dataset for this model")
-    return tokens, sp
+    return tokens, sp, byte_counts(layout, sp, vocab, tokens, manifest.get("byte_sidecar", False))

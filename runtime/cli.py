@@ -94,7 +94,7 @@ def run_eval(args, manifest, read_member):
     from .baselines import baselines
     from .baselines import describe as describe_baselines
     from .distributed import Ranks, init_distributed
-    from .evaluate import byte_tables, evaluate
+    from .evaluate import evaluate
 
     if "tensors" not in manifest:
         raise PgError("this file holds no weights: it is the training code of a record; run it (or its `train` "
@@ -108,11 +108,10 @@ def run_eval(args, manifest, read_member):
         cfg = dataclasses.replace(cfg, stride=args.stride)
     if args.compile:
         cfg = dataclasses.replace(cfg, compile=True)
-    tokens, sp = load_validation(args.data, manifest, args.tokenizer, args.max_val_tokens, cfg.seq_len,
-                                 force=args.force_tokenizer)
+    tokens, _, tables = load_validation(args.data, manifest, args.tokenizer, args.max_val_tokens, cfg.seq_len,
+                                        force=args.force_tokenizer)
     vocab = manifest["model"]["vocab_size"]
     model = load_model(manifest, read_member, device)
-    tables = byte_tables(sp, vocab)
     ranks = Ranks()
     share = (len(tokens) - 1) // ranks.world
     progress = ProgressLine(args.mode, share, enabled=ranks.is_main and not args.json)

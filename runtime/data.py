@@ -54,12 +54,18 @@ class DataLayout:
     tokenizer: str
 
     def shards(self, split):
-        """The sorted shard paths of `split` ("train" or "val"); raises if there are none."""
-        paths = sorted(glob.glob(os.path.join(self.shard_dir, f"fineweb_{split}_*.bin")))
+        """The sorted shard paths of `split` ("train", "val", or "val_bytes": the sidecars that
+        give each validation token's bytes in the original text, `pgbuild data build --caseops`);
+        raises if there are none."""
+        paths = sorted(glob.glob(os.path.join(self.shard_dir, f"fineweb_{split}_[0-9]*.bin")))
         if not paths:
-            raise PgError(f"{self.shard_dir}: no fineweb_{split}_*.bin shards; "
-                          f"build them with `pgbuild data build` or `pgbuild data download`")
+            how = "pgbuild data build --caseops" if split == "val_bytes" else \
+                "`pgbuild data build` or `pgbuild data download`"
+            raise PgError(f"{self.shard_dir}: no fineweb_{split}_NNNNNN.bin shards; build them with {how}")
         return paths
+
+    def has_byte_sidecar(self):
+        return bool(glob.glob(os.path.join(self.shard_dir, "fineweb_val_bytes_[0-9]*.bin")))
 
 
 def find_data(data_dir, vocab_size=None, tokenizer=None):

@@ -48,8 +48,26 @@ def byte_tables(sp, vocab_size):
     return base, has_space, boundary
 
 
+class SidecarBytes:
+    """Each validation token's bytes in the original text, from the dataset's sidecar shards
+    (runtime.data: "val_bytes"), aligned with the validation stream from its first token. Where
+    the text was transformed before tokenizing (CaseOps), the tokenizer's pieces do not weigh
+    what the original text did, and only the sidecar knows."""
+
+    def __init__(self, counts):
+        self.counts = np.asarray(counts)
+
+    def of(self, tokens):
+        if len(tokens) > len(self.counts):
+            raise PgError(f"the byte sidecar covers {len(self.counts):,} validation tokens, not {len(tokens):,}")
+        return self.counts[1:len(tokens)].astype(np.int64)
+
+
 def target_bytes(tokens, tables):
-    """Bytes of each scored position of `tokens` (length N-1)."""
+    """Bytes of each scored position of `tokens` (length N-1), from the tokenizer's `byte_tables`
+    or from a dataset's `SidecarBytes`."""
+    if isinstance(tables, SidecarBytes):
+        return tables.of(tokens)
     base, has_space, boundary = tables
     prev, target = tokens[:-1].astype(np.int64), tokens[1:].astype(np.int64)
     return base[target] + (has_space[target] & ~boundary[prev])

@@ -77,18 +77,26 @@ def data():
               type=int, help="Train the tokenizer on at most this many training documents.")
 @click.option("--shard-tokens", default=dataset_mod.DEFAULT_SHARD_TOKENS, show_default=True, type=int,
               help="Tokens per shard file.")
+@click.option("--caseops", is_flag=True,
+              help="Apply the 2026-04-27 record's lossless capitalization transform (CaseOps) first, reserve its "
+                   "controls as pieces, and write fineweb_val_bytes_NNNNNN.bin sidecars so that evaluation "
+                   "counts the original text's bytes.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def build(input_path, vocab_size, out_dir, val_docs, tokenizer_train_docs, shard_tokens, as_json):
+def build(input_path, vocab_size, out_dir, val_docs, tokenizer_train_docs, shard_tokens, caseops, as_json):
     """Train a BPE tokenizer on DOCS' training docs and write val/train shards to DIR."""
     with _progress() as report:
         s = dataset_mod.build_dataset(input_path, vocab_size, out_dir, val_docs=val_docs, progress=report,
-                                      tokenizer_train_docs=tokenizer_train_docs, shard_tokens=shard_tokens)
+                                      tokenizer_train_docs=tokenizer_train_docs, shard_tokens=shard_tokens,
+                                      case_ops=caseops)
     table = _split_table("dataset built", "docs", "tokens", "shards")
     for split in ("val", "train"):
         table.add_row(split, f"{s['docs_' + split]:,}", f"{s['tokens_' + split]:,}", str(len(s["shards_" + split])))
     notes = [("shards", s["out_dir"]),
              ("tokenizer", f"{s['tokenizer']} ({s['vocab_size']:,} pieces, "
                            f"trained on {s['tokenizer_train_docs']:,} docs)")]
+    if s["text_transform"]:
+        notes.append(("text transform", f"{s['text_transform']}: each validation token's bytes in the original text "
+                                        "are in fineweb_val_bytes_NNNNNN.bin, which evaluation counts"))
     _print_summary(s, as_json, table, notes)
 
 

@@ -269,14 +269,16 @@ def eval_checkpoint(checkpoint, data, mode, max_val_tokens, as_json):
     from builder.pipeline import prepare_data, val_stream
     from builder.progress import scoring_progress
     from builder.train.trainer import setup_context
+    from runtime.api import byte_counts
     from runtime.baselines import baselines, describe
-    from runtime.evaluate import byte_tables, evaluate
+    from runtime.evaluate import evaluate
 
     ctx = setup_context()
     model, preset, _ = load_checkpoint(checkpoint, ctx.device)
     layout = prepare_data(data, preset)
-    tables = byte_tables(spm.SentencePieceProcessor(model_file=layout.tokenizer), preset.model.vocab_size)
     tokens = val_stream(layout, preset, max_val_tokens)
+    tables = byte_counts(layout, spm.SentencePieceProcessor(model_file=layout.tokenizer), preset.model.vocab_size,
+                         tokens, layout.has_byte_sidecar())
     with scoring_progress(not as_json) as track:
         result = evaluate(model.eval(), tokens, tables, preset.eval, mode, ctx.device,
                           on_score=track(mode, len(tokens) - 1))

@@ -22,6 +22,7 @@ import tempfile
 import numpy as np
 import sentencepiece as spm
 
+from builder.data import caseops
 from runtime.data import HEADER_INTS, SHARD_MAGIC, SHARD_VERSION
 from runtime.errors import PgError
 from runtime.files import atomic_path
@@ -67,22 +68,32 @@ class _ShardWriter:
     def __init__(self, folder, shard_tokens):
         self.folder, self.shard_tokens = folder, shard_tokens
         self.buf = np.empty(shard_tokens, dtype=np.uint16)  # untouched pages cost no memory
+        self.byte_buf = None
         self.fill, self.split = 0, None
-        self.paths = {"val": [], "train": []}
+        self.paths = {"val": [], "train": [], "val_bytes": []}
         self.tokens = {"val": 0, "train": 0}
 
-    def add(self, split, ids):
+    def add(self, split, ids, byte_counts=None):
+        """One document: [BOS] + `ids`; with `byte_counts` (CaseOps validation), each token's
+        original bytes go to a sidecar shard cut where the token shard is (BOS counts 0)."""
         if split != self.split:
             self.flush()  # a shard never mixes val and train tokens
             self.split = split
         doc = np.empty(len(ids) + 1, dtype=np.uint16)
         doc[0] = BOS_ID
         doc[1:] = ids
+        if byte_counts is not None:
+            if self.byte_buf is None:
+                self.byte_buf = np.empty(self.shard_tokens, dtype=np.uint16)
+            counts = np.zeros(doc.size, dtype=np.uint16)
+            counts[1:] = byte_counts
         self.tokens[split] += doc.size
         pos = 0
         while pos < doc.size:
             take = min(self.shard_tokens - self.fill, doc.size - pos)
             self.buf[self.fill:self.fill + take] = doc[pos:pos + take]
+            if byte_counts is not None:
+                self.byte_buf[self.fill:self.fill + take] = counts[pos:pos + take]
             self.fill += take
             pos += take
             if self.fill == self.shard_tokens:
@@ -94,6 +105,9 @@ class _ShardWriter:
         names = self.paths[self.split]
         path = os.path.join(self.folder, f"fineweb_{self.split}_{len(names):06d}.bin")
         write_shard(path, self.buf[:self.fill])
+        if self.split == "val" and self.byte_buf is not None:
+            self.paths["val_bytes"].append(os.path.join(self.folder, f"fineweb_val_bytes_{len(names):06d}.bin"))
+            write_shard(self.paths["val_bytes"][-1], self.byte_buf[:self.fill])
         names.append(path)
         self.fill = 0
 
@@ -164,8 +178,9 @@ def _training_text(path, skip, limit):
             yield text
 
 
-def train_tokenizer(texts, vocab_size):
-    """Train a SentencePiece BPE model with the challenge's settings; return its serialized bytes."""
+def train_tokenizer(texts, vocab_size, reserved=()):
+    """Train a SentencePiece BPE model with the challenge's settings; return its serialized bytes.
+    `reserved` characters (CaseOps' controls) become pieces of their own."""
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -174,6 +189,7 @@ def train_tokenizer(texts, vocab_size):
             byte_fallback=True, split_digits=True, normalization_rule_name="nmt_nfkc",
             add_dummy_prefix=False, character_coverage=0.999,
             pad_id=0, bos_id=BOS_ID, eos_id=2, unk_id=3, hard_vocab_limit=False,
+            user_defined_symbols=list(reserved),
             # 0 = keep every sentence: the iterator already applies the doc cap, and
             # SentencePiece's own sampling would otherwise drop docs below it.
             input_sentence_size=0, max_sentence_length=MAX_SENTENCE_BYTES,
@@ -228,8 +244,13 @@ def _publish(staging, out_dir, files):
 
 
 def build_dataset(input_path, vocab_size, out_dir, val_docs=DEFAULT_VAL_DOCS, progress=None,
-                  tokenizer_train_docs=DEFAULT_TOKENIZER_TRAIN_DOCS, shard_tokens=DEFAULT_SHARD_TOKENS):
+                  tokenizer_train_docs=DEFAULT_TOKENIZER_TRAIN_DOCS, shard_tokens=DEFAULT_SHARD_TOKENS,
+                  case_ops=False):
     """Train a tokenizer on `input_path`'s train docs and write val/train shards into `out_dir`.
+
+    With `case_ops`, documents are CaseOps-transformed (builder/data/caseops.py) before the
+    tokenizer sees them, its controls are reserved pieces, and every validation shard gets a
+    sidecar `fineweb_val_bytes_NNNNNN.bin` of each token's bytes in the original text.
 
     `progress(stage, done, total)` is called as work advances; stages are "scan" (docs read),
     "tokenizer" (0 or 1 of 1) and "encode" (docs written). Returns a summary dict.
@@ -247,7 +268,9 @@ def build_dataset(input_path, vocab_size, out_dir, val_docs=DEFAULT_VAL_DOCS, pr
     n_train_tok = min(tokenizer_train_docs, n_docs - val_docs)
 
     progress("tokenizer", 0, 1)
-    proto = train_tokenizer(_training_text(input_path, val_docs, n_train_tok), vocab_size)
+    texts = _training_text(input_path, val_docs, n_train_tok)
+    proto = train_tokenizer(map(caseops.encode, texts) if case_ops else texts, vocab_size,
+                            caseops.CONTROLS if case_ops else ())
     progress("tokenizer", 1, 1)
     sp = spm.SentencePieceProcessor(model_proto=proto)
 
@@ -260,8 +283,8 @@ def build_dataset(input_path, vocab_size, out_dir, val_docs=DEFAULT_VAL_DOCS, pr
         tok_path = os.path.join(staging, TOKENIZER_NAME)
         with atomic_path(tok_path, "tokenizer") as tmp, open(tmp, "wb") as f:
             f.write(proto)
-        writer = _encode(input_path, sp, val_docs, n_docs, staging, shard_tokens, progress)
-        shards = writer.paths["val"] + writer.paths["train"]
+        writer = _encode(input_path, sp, val_docs, n_docs, staging, shard_tokens, progress, case_ops)
+        shards = writer.paths["val"] + writer.paths["train"] + writer.paths["val_bytes"]
         final = _publish(staging, out_dir, [tok_path] + shards)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -278,7 +301,8 @@ def build_dataset(input_path, vocab_size, out_dir, val_docs=DEFAULT_VAL_DOCS, pr
         "tokens_val": writer.tokens["val"],
         "tokens_train": writer.tokens["train"],
         "shards_val": final[1:1 + n_val],
-        "shards_train": final[1 + n_val:],
+        "shards_train": final[1 + n_val:len(final) - len(writer.paths["val_bytes"])],
+        "text_transform": caseops.NAME if case_ops else None,
     }
 
 
@@ -293,15 +317,24 @@ def _batches(items, size):
         yield batch
 
 
-def _encode(input_path, sp, val_docs, n_docs, folder, shard_tokens, progress):
-    """Encode every doc (raw text, as the challenge does) into shards under `folder`."""
+def _encode(input_path, sp, val_docs, n_docs, folder, shard_tokens, progress, case_ops=False):
+    """Encode every doc (raw text, as the challenge does; stripped and transformed with CaseOps)
+    into shards under `folder`."""
     writer = _ShardWriter(folder, shard_tokens)
     done = 0
     progress("encode", 0, n_docs)
     for batch in _batches(iter_docs(input_path), ENCODE_BATCH_DOCS):
-        for ids in sp.encode(batch, num_threads=os.cpu_count() or 1):
-            writer.add("val" if done < val_docs else "train", ids)
-            done += 1
+        if not case_ops:
+            for ids in sp.encode(batch, num_threads=os.cpu_count() or 1):
+                writer.add("val" if done < val_docs else "train", ids)
+                done += 1
+        else:
+            # SentencePiece drops leading and trailing whitespace: strip it here, so the bytes
+            # counted are those of the text the tokens hold.
+            for ids, surfaces in caseops.encode_with_surfaces(sp, [caseops.encode(t.strip()) for t in batch]):
+                val = done < val_docs
+                writer.add("val" if val else "train", ids, caseops.original_bytes(surfaces) if val else None)
+                done += 1
         progress("encode", done, n_docs)
     writer.flush()
     if done != n_docs:

@@ -114,13 +114,12 @@ def ttt_chunk(eval_dict, assignments, positions, tokens, note):
 
 
 def load_stream(data, manifest, tokenizer, max_tokens, seq_len):
-    """The validation prefix and the builder's reference byte tables (the tokenizer checked
-    against the artifact's recorded SHA-256), read by the builder's runtime, not the artifact's."""
+    """The validation prefix, its tokenizer and the builder's reference byte counts (the
+    tokenizer checked against the artifact's recorded SHA-256), read by the builder's runtime,
+    not the artifact's."""
     from runtime.api import load_validation
-    from runtime.evaluate import byte_tables
 
-    tokens, sp = load_validation(data, manifest, tokenizer, max_tokens, seq_len)
-    return tokens, sp, byte_tables(sp, manifest["model"]["vocab_size"])
+    return load_validation(data, manifest, tokenizer, max_tokens, seq_len)
 
 
 def timed_run(rt, model, tokens, tables, cfg, mode, device, advance=None):
@@ -190,7 +189,7 @@ def verify_artifact(path, data, tokens=None, modes=None, assignments=(), probes=
 
         eval_dict = parse_overrides(manifest["eval"], assignments)
         tokens = tokens or default_token_count(eval_dict, modes)
-        stream, sp, reference_tables = load_stream(data, manifest, tokenizer, tokens, eval_dict["seq_len"])
+        stream, _, reference_tables = load_stream(data, manifest, tokenizer, tokens, eval_dict["seq_len"])
         positions = len(stream) - 1
         if positions < 4:
             raise PgError(f"only {positions} positions to score; raise --tokens")
@@ -201,7 +200,7 @@ def verify_artifact(path, data, tokens=None, modes=None, assignments=(), probes=
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         vocab = manifest["model"]["vocab_size"]
         model = rt.call(rt.api.load_model, manifest, art.read, device)
-        tables = rt.call(rt.evaluate.byte_tables, sp, vocab)
+        _, _, tables = rt.call(rt.api.load_validation, data, manifest, tokenizer, tokens, eval_dict["seq_len"])
         reference_bytes = int(target_bytes(np.asarray(stream), reference_tables).sum())
         floor = baselines(stream, reference_tables, vocab)
         results = {}
