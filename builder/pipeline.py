@@ -1,10 +1,11 @@
 """The stages behind the commands: train, quantize + fit the budget + pack, measure.
 
 Every rank forwards its share of the GPTQ calibration batches and quantizes its share of the
-tensors (`encode_shares`); fitting the budget and packing run on rank 0; the build-time evaluation of the packed artifact runs on every rank (the evaluator splits
-the windows), using the artifact's own bytes and the runtime's own decoder, so the recorded
-figures are those of the file that gets written. Every stage is timed, and the summary says where
-the wallclock limit went (builder/timebudget.py).
+tensors (`encode_shares`); fitting the budget and packing run on rank 0; the build-time
+evaluation of the packed artifact runs on every rank (the evaluator splits the windows), using
+the artifact's own bytes and the runtime's own decoder, so the recorded figures are those of the
+file that gets written. Every stage is timed, and the summary says where the wallclock limit
+went (builder/timebudget.py).
 """
 
 import contextlib
