@@ -5,7 +5,11 @@ that many little-endian uint16 tokens. Two directory layouts are accepted for `-
 
 - pgbuild's own: DIR/tokenizer.model next to DIR/fineweb_{train,val}_NNNNNN.bin;
 - the challenge's: DIR/datasets/fineweb10B_spV/*.bin with DIR/tokenizers/fineweb_V_bpe.model,
-  or DIR pointing at datasets/fineweb10B_spV itself.
+  or DIR pointing at datasets/fineweb10B_spV itself (the published CaseOps dataset: the same
+  with CASEOPS_SUFFIX on both names).
+
+A CaseOps dataset's validation shards come with sidecars, fineweb_val_bytes_NNNNNN.bin in the same
+format, holding each validation token's byte count in the original text (split "val_bytes").
 """
 
 import glob
@@ -68,18 +72,28 @@ class DataLayout:
         return bool(glob.glob(os.path.join(self.shard_dir, "fineweb_val_bytes_[0-9]*.bin")))
 
 
+CASEOPS_SUFFIX = "_lossless_caps_caseops_v1_reserved"
+"""What the 2026-04-27 record's published CaseOps dataset adds to the challenge's folder and
+tokenizer names (its validation shards come with fineweb_val_bytes_* sidecars)."""
+
+
 def find_data(data_dir, vocab_size=None, tokenizer=None):
-    """Resolve `--data DIR` (either layout) and an optional explicit tokenizer path."""
+    """Resolve `--data DIR` (either layout; the challenge's also as the CaseOps dataset names it,
+    where the plain one is absent) and an optional explicit tokenizer path."""
     if not os.path.isdir(data_dir):
         raise PgError(f"{data_dir}: data directory does not exist")
     shard_dir, guesses = data_dir, [os.path.join(data_dir, "tokenizer.model")]
     if vocab_size is not None:
-        challenge = os.path.join(data_dir, "datasets", f"fineweb10B_sp{vocab_size}")
-        if os.path.isdir(challenge):
-            shard_dir = challenge
-        tok_name = f"fineweb_{vocab_size}_bpe.model"
-        guesses += [os.path.join(data_dir, "tokenizers", tok_name),
-                    os.path.join(shard_dir, "..", "..", "tokenizers", tok_name)]
+        for suffix in ("", CASEOPS_SUFFIX):
+            challenge = os.path.join(data_dir, "datasets", f"fineweb10B_sp{vocab_size}{suffix}")
+            if os.path.isdir(challenge):
+                shard_dir = challenge
+                break
+        suffixes = ("", CASEOPS_SUFFIX) if not shard_dir.endswith(CASEOPS_SUFFIX) else (CASEOPS_SUFFIX,)
+        for suffix in suffixes:
+            tok_name = f"fineweb_{vocab_size}_bpe{suffix}.model"
+            guesses += [os.path.join(data_dir, "tokenizers", tok_name),
+                        os.path.join(shard_dir, "..", "..", "tokenizers", tok_name)]
     if tokenizer is None:
         tokenizer = next((g for g in guesses if os.path.isfile(g)), None)
         if tokenizer is None:

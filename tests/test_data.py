@@ -1,5 +1,7 @@
 """runtime/data.py: shard validation and both directory layouts."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -44,6 +46,22 @@ def test_challenge_layout(tmp_path):
         layout = find_data(str(root), 1024)
         assert layout.tokenizer.endswith("fineweb_1024_bpe.model")
         assert layout.shards("val")[0].endswith("fineweb_val_000000.bin")
+
+
+def test_the_published_caseops_layout(tmp_path):
+    """The 2026-04-27 record's CaseOps dataset: the challenge's layout with its own names."""
+    suffix = "_lossless_caps_caseops_v1_reserved"
+    shards = tmp_path / "datasets" / f"fineweb10B_sp1024{suffix}"
+    shards.mkdir(parents=True)
+    (tmp_path / "tokenizers").mkdir()
+    (tmp_path / "tokenizers" / f"fineweb_1024_bpe{suffix}.model").write_bytes(b"x")
+    for name in ("fineweb_val_000000.bin", "fineweb_val_bytes_000000.bin"):
+        (shards / name).write_bytes(shard_bytes([1, 2]))
+    for root in (tmp_path, shards):
+        layout = find_data(str(root), 1024)
+        assert layout.tokenizer.endswith(f"fineweb_1024_bpe{suffix}.model") and layout.has_byte_sidecar()
+        assert [os.path.basename(p) for p in layout.shards("val")] == ["fineweb_val_000000.bin"]
+        assert [os.path.basename(p) for p in layout.shards("val_bytes")] == ["fineweb_val_bytes_000000.bin"]
 
 
 def test_missing_things_are_named(tmp_path):
