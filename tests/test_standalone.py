@@ -4,6 +4,8 @@ code where pgbuild cannot be imported, and its code is what the challenge counts
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import zipfile
 
 import pytest
@@ -90,3 +92,20 @@ def test_the_training_script_is_the_code_alone_and_trains(artifact, demo_data, c
     assert trained.returncode == 0, trained.stderr
     assert code_bytes(work / "artifact.py") == code_bytes(artifact)
 
+
+
+def test_an_artifact_trains_under_torchrun(artifact, demo_data, clean_env, tmp_path):
+    """Two ranks: the data parallel loop, the Hessians and the GPTQ shares split over both."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(artifact), "train", "--data", str(demo_data), "--out", "two.py", "--set",
+                           "train.iterations=4", "--eval-tokens", "2000", "--eval-modes", "standard", "--json"],
+                          cwd=tmp_path, env={**clean_env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])  # printed once, by rank 0
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert code_bytes(tmp_path / "two.py") == code_bytes(artifact)
+    scored = run_artifact(tmp_path / "two.py", "eval", "--data", demo_data, "--mode", "standard", "--max-val-tokens",
+                          2000, "--json", env=clean_env, cwd=tmp_path)
+    assert scored.returncode == 0 and json.loads(scored.stdout)["val_bpb"] == pytest.approx(summary["standard_bpb"],
+                                                                                            abs=1e-5)
