@@ -73,6 +73,7 @@ def _rank_main(rank, world, port, preset, out):
         if rank == 0:
             with open(out, "wb") as f:
                 pickle.dump(shares, f)
+        dist.barrier()  # no rank tears the group down while another still uses it (gloo aborts)
     finally:
         dist.destroy_process_group()
 

@@ -123,6 +123,7 @@ def run_eval(args, manifest, read_member):
                       on_score=lambda a, b: (pace(a, b), progress(a, b)), on_train=pace.trained)
     progress.close()
     if ranks.active:
+        dist.barrier()  # a rank tearing the group down while another still uses it makes gloo abort
         dist.destroy_process_group()
         if not ranks.is_main:
             return 0

@@ -40,6 +40,7 @@ def _rank_main(rank, world, port, data, out_dir):
         for name, seqs in SPLITS.items():
             hessians = collect_hessians(model_for_test(), layout, calibration(seqs), SEQ_LEN, CPU, 0, rank, world)
             torch.save(hessians, f"{out_dir}/{name}.rank{rank}.pt")
+        dist.barrier()  # no rank tears the group down while another still uses it (gloo aborts)
     finally:
         dist.destroy_process_group()
 

@@ -49,6 +49,7 @@ def _rank_main(rank, world, port, out_dir):
                     pickle.dump((table, quantizer.computed(quantizer.quantized_names())), f)
             else:
                 assert table is None
+        dist.barrier()  # no rank tears the group down while another still uses it (gloo aborts)
     finally:
         dist.destroy_process_group()
 
