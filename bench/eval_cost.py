@@ -19,7 +19,6 @@ with other jobs only the CPU seconds are comparable from run to run.
 import argparse
 import copy
 import json
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import run_on_gloo_ranks
 
 from builder.config import apply_overrides
 from builder.presets import get_preset
@@ -56,33 +55,19 @@ def time_ttt(preset, layout, tokens):
             "cpu_seconds": round(time.process_time() - cpu_start, 3), "val_bpb": round(result.val_bpb, 8)}
 
 
-def _hessian_rank(rank, world, port, preset, layout, out_dir):
-    torch.set_num_threads(1)
-    if world > 1:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        model = fresh_model(preset)
-        if world > 1:
-            dist.barrier()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        hessians = collect_hessians(model, layout, preset.quant, preset.train.seq_len, CPU, preset.train.seed,
-                                    rank=rank, world=world)
-        times = {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start}
-        torch.save({**times, "hessians": hessians}, Path(out_dir) / f"rank{rank}.pt")
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
+def _hessian_rank(rank, world, preset, layout, out_dir):
+    model = fresh_model(preset)
+    dist.barrier()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    hessians = collect_hessians(model, layout, preset.quant, preset.train.seq_len, CPU, preset.train.seed,
+                                rank=rank, world=world)
+    times = {"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu_start}
+    torch.save({**times, "hessians": hessians}, Path(out_dir) / f"rank{rank}.pt")
 
 
 def time_hessians(preset, layout, world):
     with tempfile.TemporaryDirectory() as out_dir:
-        if world == 1:
-            _hessian_rank(0, 1, 0, preset, layout, out_dir)
-        else:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            mp.spawn(_hessian_rank, args=(world, port, preset, layout, out_dir), nprocs=world)
+        run_on_gloo_ranks(_hessian_rank, world, preset, layout, out_dir)  # one rank too: the same code path
         runs = [torch.load(Path(out_dir) / f"rank{r}.pt") for r in range(world)]
     times = {key: round(max(r[key] for r in runs), 3) for key in ("seconds", "cpu_seconds")}
     return times, runs[0]["hessians"]

@@ -22,13 +22,12 @@ same bytes.
 import argparse
 import os
 import pickle
-import socket
 import tempfile
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import run_on_gloo_ranks
 
 from builder.artifact.budget import candidate_rows
 from builder.artifact.pack import StreamCompressor, build_artifact
@@ -59,33 +58,24 @@ def record_quantizer(preset):
     return Quantizer(state, synthetic_hessians(state, preset.quant), preset.quant)
 
 
-def _rank_main(rank, world, port, preset, out):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        quantizer = record_quantizer(preset)
-        dist.barrier()
-        cpu, wall = time.process_time(), time.perf_counter()
-        encode_shares(quantizer, Ranks())
-        seconds = {"rank_cpu": time.process_time() - cpu, "wall": time.perf_counter() - wall}
-        shares = [None] * world if rank == 0 else None
-        dist.gather_object(seconds, shares, dst=0)
-        if rank == 0:
-            with open(out, "wb") as f:
-                pickle.dump(shares, f)
-        dist.barrier()  # no rank tears the group down while another still uses it (gloo aborts)
-    finally:
-        dist.destroy_process_group()
+def _rank_main(rank, world, preset, out):
+    quantizer = record_quantizer(preset)
+    dist.barrier()
+    cpu, wall = time.process_time(), time.perf_counter()
+    encode_shares(quantizer, Ranks())
+    seconds = {"rank_cpu": time.process_time() - cpu, "wall": time.perf_counter() - wall}
+    shares = [None] * world if rank == 0 else None
+    dist.gather_object(seconds, shares, dst=0)
+    if rank == 0:
+        with open(out, "wb") as f:
+            pickle.dump(shares, f)
 
 
 def split_gptq(preset, world):
     """[{'rank_cpu', 'wall'}] of every rank running encode_shares."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "seconds.pkl")
-        mp.spawn(_rank_main, args=(world, port, preset, out), nprocs=world)
+        run_on_gloo_ranks(_rank_main, world, preset, out)
         with open(out, "rb") as f:
             return pickle.load(f)
 

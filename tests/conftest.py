@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# bench/gloo_ranks.py is shared with the bench scripts; spawned ranks import it by name, and
+# inherit this sys.path.
+sys.path.insert(0, str(ROOT / "bench"))
 FIXTURE = ROOT / "tests" / "fixtures" / "demo_corpus.jsonl.xz"
 VAL_DOCS = 20
 # A step cap, not a wallclock cap, so a loaded machine gives the same model, only later.
@@ -112,38 +115,24 @@ def run_bench_script(name, *args):
                           capture_output=True, text=True, timeout=600)
 
 
-def _gloo_rank_main(rank, world, port, model_path, tokens, tables, cfg, mode, out_path):
+def _evaluate_on_rank(rank, world, model_path, tokens, tables, cfg, mode, out_path):
     import numpy as np
     import torch
-    import torch.distributed as dist
 
     from runtime.evaluate import evaluate
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        result = evaluate(torch.load(model_path, weights_only=False), tokens, tables, cfg, mode, torch.device("cpu"))
-        if rank == 0:
-            np.save(out_path, result.nll)
-        # No rank tears the group down while another still uses it: gloo then aborts the other
-        # ("terminate called without an active exception"), 8 runs in 40 without this line.
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    result = evaluate(torch.load(model_path, weights_only=False), tokens, tables, cfg, mode, torch.device("cpu"))
+    if rank == 0:
+        np.save(out_path, result.nll)
 
 
 def nll_on_gloo_ranks(model, tokens, tables, cfg, mode, tmp_path, world=2):
     """Per-position NLLs of `evaluate` run by `world` gloo processes with one thread each."""
-    import socket
-
     import numpy as np
     import torch
-    import torch.multiprocessing as mp
+    from gloo_ranks import run_on_gloo_ranks
 
     torch.save(model, tmp_path / "model.pt")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_gloo_rank_main, args=(world, port, tmp_path / "model.pt", tokens, tables, cfg, mode,
-                                    tmp_path / "nll.npy"), nprocs=world)
+    run_on_gloo_ranks(_evaluate_on_rank, world, tmp_path / "model.pt", tokens, tables, cfg, mode,
+                      tmp_path / "nll.npy")
     return np.load(tmp_path / "nll.npy")

@@ -1,12 +1,10 @@
 """builder/quant/calibration.collect_hessians under DDP: N gloo ranks, each forwarding its share of every
 calibration batch, give every rank the Hessians of one process."""
 
-import socket
 from dataclasses import replace
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import run_on_gloo_ranks
 
 from builder.presets import get_preset
 from builder.quant.calibration import collect_hessians
@@ -32,24 +30,15 @@ def model_for_test():
     return model.eval()
 
 
-def _rank_main(rank, world, port, data, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        layout = find_data(data, 1024)
-        for name, seqs in SPLITS.items():
-            hessians = collect_hessians(model_for_test(), layout, calibration(seqs), SEQ_LEN, CPU, 0, rank, world)
-            torch.save(hessians, f"{out_dir}/{name}.rank{rank}.pt")
-        dist.barrier()  # no rank tears the group down while another still uses it (gloo aborts)
-    finally:
-        dist.destroy_process_group()
+def _rank_main(rank, world, data, out_dir):
+    layout = find_data(data, 1024)
+    for name, seqs in SPLITS.items():
+        hessians = collect_hessians(model_for_test(), layout, calibration(seqs), SEQ_LEN, CPU, 0, rank, world)
+        torch.save(hessians, f"{out_dir}/{name}.rank{rank}.pt")
 
 
 def test_two_gloo_ranks_give_every_rank_the_one_process_hessians(demo_data, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank_main, args=(2, port, str(demo_data), str(tmp_path)), nprocs=2)
+    run_on_gloo_ranks(_rank_main, 2, str(demo_data), str(tmp_path))
     layout = find_data(str(demo_data), 1024)
     for name, seqs in SPLITS.items():
         single = collect_hessians(model_for_test(), layout, calibration(seqs), SEQ_LEN, CPU, 0)

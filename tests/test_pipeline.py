@@ -2,13 +2,11 @@
 ends with what one process computes alone (the same encodings, the same allocator rows)."""
 
 import pickle
-import socket
 from dataclasses import replace
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_ranks import run_on_gloo_ranks
 
 from builder.pipeline import encode_shares
 from builder.presets import apply_recipe, get_preset
@@ -37,21 +35,15 @@ def quantizer_for_test(recipe):
     return Quantizer(state, hessians, qcfg)
 
 
-def _rank_main(rank, world, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.set_num_threads(1)
-        for recipe in RECIPES:
-            quantizer = quantizer_for_test(recipe)
-            table = encode_shares(quantizer, Ranks())
-            if rank == 0:
-                with open(f"{out_dir}/{recipe}.pkl", "wb") as f:
-                    pickle.dump((table, quantizer.computed(quantizer.quantized_names())), f)
-            else:
-                assert table is None
-        dist.barrier()  # no rank tears the group down while another still uses it (gloo aborts)
-    finally:
-        dist.destroy_process_group()
+def _rank_main(rank, world, out_dir):
+    for recipe in RECIPES:
+        quantizer = quantizer_for_test(recipe)
+        table = encode_shares(quantizer, Ranks())
+        if rank == 0:
+            with open(f"{out_dir}/{recipe}.pkl", "wb") as f:
+                pickle.dump((table, quantizer.computed(quantizer.quantized_names())), f)
+        else:
+            assert table is None
 
 
 def same_encodings(a, b):
@@ -62,10 +54,7 @@ def same_encodings(a, b):
 
 
 def test_ranks_split_the_tensors_and_rank0_gets_what_one_process_computes(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank_main, args=(2, port, str(tmp_path)), nprocs=2)
+    run_on_gloo_ranks(_rank_main, 2, str(tmp_path))
     for recipe in RECIPES:
         with open(tmp_path / f"{recipe}.pkl", "rb") as f:
             table, (encodings, _) = pickle.load(f)
