@@ -1,10 +1,13 @@
 """The records' own, unmodified code (../shared/reference) loaded as a module, to run beside pgbuild.
 
-The reference scripts are CUDA-only as shipped: they import FlashAttention 3, compile with
-inductor and call `torch.cuda.*`. Here, at run time and outside pgbuild's packages, FA3 is
-replaced by torch's SDPA (always: neither this machine nor the GPU machine has flash-attn) and,
-for a CPU run, `torch.compile` by the identity and the few `torch.cuda` calls that only time or
-report by no-ops, so the same code also runs on the CPU. Their configuration is environment
+The reference scripts are CUDA-only as shipped: they import FlashAttention 3 (r0427 also its
+variable-length kernel, and Triton for fused kernels), compile with inductor and call
+`torch.cuda.*`. Here, at run time and outside pgbuild's packages, FA3 is replaced by torch's SDPA
+(always: neither this machine nor the GPU machine has flash-attn), the variable-length kernel by
+one SDPA call per segment, Triton (when absent) by a module whose `jit` only returns the function
+(the scripts' Triton paths are then switched off: FUSED_CE_ENABLED=0 and eager MLPs) and, for a
+CPU run, `torch.compile` by the identity and the few `torch.cuda` calls that only time or report
+by no-ops, so the same code also runs on the CPU. Their configuration is environment
 variables read when the `Hyperparameters` class is created, so they are set around the load and
 restored afterwards.
 
@@ -33,6 +36,32 @@ def sdpa_flash_attn_func(q, k, v, causal=True):
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=causal, enable_gqa=True)
     return y.transpose(1, 2)
+
+
+def sdpa_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True,
+                                window_size=(-1, -1)):
+    """FA3's flash_attn_varlen_func on (total, H, D) tensors: causal attention within each segment
+    [cu[i], cu[i+1]) of the packed stream, one SDPA call per segment (padding segments are empty)."""
+    assert causal and tuple(window_size) == (-1, -1) and torch.equal(cu_seqlens_q, cu_seqlens_k)
+    bounds = cu_seqlens_q.tolist()
+    pieces = [sdpa_flash_attn_func(q[None, a:b], k[None, a:b], v[None, a:b])[0]
+              for a, b in zip(bounds, bounds[1:]) if b > a]
+    return torch.cat(pieces)
+
+
+def _triton_stand_in():
+    """`triton`, `triton.language` and `triton.tools.tensor_descriptor` for a machine without
+    Triton: enough for the module to load (decorators, annotations); its kernels never run."""
+    triton = types.ModuleType("triton")
+    triton.jit = lambda fn=None, **_options: (lambda f: f) if fn is None else fn
+    language = types.ModuleType("triton.language")
+    language.constexpr = object
+    tools = types.ModuleType("triton.tools")
+    descriptor = types.ModuleType("triton.tools.tensor_descriptor")
+    descriptor.TensorDescriptor = object
+    triton.language, triton.tools, tools.tensor_descriptor = language, tools, descriptor
+    return {"triton": triton, "triton.language": language, "triton.tools": tools,
+            "triton.tools.tensor_descriptor": descriptor}
 
 
 def identity_compile(fn=None, **_options):
@@ -71,19 +100,26 @@ def _patched(env, cpu):
     saved_compile = torch.compile
     fa3 = types.ModuleType("flash_attn_interface")
     fa3.flash_attn_func = sdpa_flash_attn_func
-    had_fa3 = sys.modules.get("flash_attn_interface")
+    fa3.flash_attn_varlen_func = sdpa_flash_attn_varlen_func
+    stand_ins = {"flash_attn_interface": fa3}
+    try:
+        import triton  # noqa: F401  (the real one, where installed)
+    except ImportError:
+        stand_ins.update(_triton_stand_in())
+    saved_modules = {name: sys.modules.get(name) for name in stand_ins}
     os.environ.update({k: str(v) for k, v in env.items()})
     if cpu:
         torch.compile = identity_compile  # the module-level @torch.compile runs during the load
-    sys.modules["flash_attn_interface"] = fa3
+    sys.modules.update(stand_ins)
     try:
         yield
     finally:
         torch.compile = saved_compile
-        if had_fa3 is None:
-            sys.modules.pop("flash_attn_interface", None)
-        else:
-            sys.modules["flash_attn_interface"] = had_fa3
+        for name, module in saved_modules.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -59,6 +59,10 @@ class ModelConfig(ConfigBase):
     """Leading dims of each head that get rotary position encoding (partial RoPE)."""
     rope_base: float = 10000.0
     """RoPE frequency base."""
+    rope_yarn_len: int = 0
+    """Sequences longer than this evaluate with an NTK-scaled RoPE base ("YaRN" in the records):
+    base * (T / rope_yarn_len)^(rope_dims / (rope_dims - 2)). 0 never scales (the 2026-04-27
+    record); the 2026-04-09 record scales beyond its 2048 training tokens."""
     qk_gain_init: float = 5.25
     """Initial value of the learned per-head gain applied to the RMS-normed queries."""
     logit_softcap: float = 30.0
@@ -78,7 +82,13 @@ class ModelConfig(ConfigBase):
     num_loops: int = 2
     """Extra passes over the recurrence segment once looping is on (0 disables recurrence)."""
     parallel_residual_start: int = 7
-    """From this physical layer on, attention and MLP read the same input (GPT-J style); -1 disables."""
+    """From this physical layer on, attention and MLP run side by side (parallel_lanes says how);
+    -1 disables."""
+    parallel_lanes: int = 1
+    """Parallel blocks' form: 1, GPT-J (both read the same input and add to one stream, the
+    2026-04-09 record); 2, the 2026-04-27 record's two-lane decoder (decoder layers only: attention
+    reads the attention lane, which takes the skips, the MLP reads the MLP lane, each lane keeps
+    a learned share of both outputs, and the head reads their mean)."""
     xsa_last_n: int = 11
     """Exclusive self-attention on the last N physical layers: remove each output's component
     along its own token's value."""
@@ -101,6 +111,11 @@ class ModelConfig(ConfigBase):
     'attn_out' 2 sigmoid(W x[:gate_window]) (PR #1667). x is the block's normed input."""
     gate_window: int = 12
     """Leading residual dims read by SmearGate and the 'sparse'/'attn_out' attention gates."""
+    doc_mask: bool = False
+    """Document-masked attention (the 2026-04-27 record): no token attends across a bos_id token,
+    so every document is scored as if it were alone, in training, every eval mode and TTT. On CUDA
+    with FlashAttention the variable-length kernel runs it (eager only); otherwise SDPA with a
+    block-diagonal causal mask, which gives the same result."""
     ve_layers: tuple = ()
     """Value embeddings: physical layers whose attention values get a shared token embedding added
     (the March records used 9,10); empty disables."""
@@ -133,6 +148,15 @@ class ModelConfig(ConfigBase):
                 f"model.bigram_buckets must be 0 (off) or at least 2, got {self.bigram_buckets}")
         require(0 < self.gate_window <= self.model_dim,
                 f"model.gate_window must be in 1..model_dim ({self.model_dim}), got {self.gate_window}")
+        require(self.parallel_lanes in (1, 2), f"model.parallel_lanes must be 1 or 2, got {self.parallel_lanes}")
+        if self.parallel_lanes == 2 and self.parallel_residual_start >= 0:
+            for looping in (False, True):
+                order = self.layer_order(looping)
+                lanes = [layer >= self.parallel_residual_start for layer in order[len(order) // 2:]]
+                require(lanes == sorted(lanes), "model: with parallel_lanes=2, every decoder layer after the first "
+                        "two-lane one must be two-lane too (layers >= parallel_residual_start end the decoder)")
+        require(self.rope_yarn_len >= 0 and (self.rope_yarn_len == 0 or self.rope_dims > 2),
+                "model.rope_yarn_len must be 0 (off) or positive, with rope_dims > 2")
         # `--set model.ve_layers=9,10` hands over strings and a JSON manifest a list: store ints.
         layers = [str(s).strip() for s in self.ve_layers if str(s).strip()]
         require(all(s.isdigit() and int(s) < self.num_layers for s in layers),

@@ -8,7 +8,9 @@ partial RoPE and, on the last layers, exclusive self-attention (XSA).
 
 Switches, all off in the record: BigramHash and SmearGate on the token embedding, value
 embeddings added to chosen layers' attention values, a per-head gate on the attention output,
-and the MLP's activation. Every one of them reads only the current and earlier tokens.
+the MLP's activation, and from the 2026-04-27 record document-masked attention, a two-lane
+parallel decoder and NTK-scaled ("YaRN") RoPE beyond the trained length. Every one of them reads
+only the current and earlier tokens.
 """
 
 import math
@@ -18,12 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 try:  # FlashAttention 3 on Hopper, else FlashAttention 2, else torch's SDPA.
-    from flash_attn_interface import flash_attn_func
+    from flash_attn_interface import flash_attn_func, flash_attn_varlen_func
 except ImportError:
     try:
-        from flash_attn import flash_attn_func
+        from flash_attn import flash_attn_func, flash_attn_varlen_func
     except ImportError:
-        flash_attn_func = None
+        flash_attn_func = flash_attn_varlen_func = None
 
 
 def rms_norm(x):
@@ -35,13 +37,63 @@ class RMSNorm(nn.Module):
         return rms_norm(x)
 
 
-def causal_attention(q, k, v):
-    """q: (B, T, H, D), k/v: (B, T, Hkv, D) -> (B, T, H, D), causal, full softmax."""
-    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        out = flash_attn_func(q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out
+def _flash(q):
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+
+
+class Documents:
+    """Where the documents of a batch of rows start: a row's first token and every bos_id token.
+    Attention given one never crosses a start, so no document reads another, whatever the rows
+    hold. Built once per forward; each attention backend asks for the form it needs, once."""
+
+    def __init__(self, ids, bos_id):
+        starts = ids == bos_id
+        starts[:, 0] = True
+        self.starts = starts
+        self._mask = self._segments = None
+
+    def mask(self):
+        """(B, 1, T, T) bool: key s is visible to query t iff s <= t in the same document."""
+        if self._mask is None:
+            doc = self.starts.cumsum(1)
+            T = doc.size(1)
+            causal = torch.ones(T, T, dtype=torch.bool, device=doc.device).tril()
+            self._mask = (doc[:, :, None] == doc[:, None, :]).logical_and(causal)[:, None]
+        return self._mask
+
+    def segments(self):
+        """(cu_seqlens int32, longest length): the rows flattened into one stream of documents,
+        as FlashAttention's variable-length kernel takes them."""
+        if self._segments is None:
+            flat = self.starts.flatten()
+            bounds = torch.cat((flat.nonzero().flatten(), flat.new_full((1,), flat.numel(), dtype=torch.long)))
+            self._segments = bounds.int(), int(bounds.diff().max())
+        return self._segments
+
+
+def causal_attention(q, k, v, docs=None):
+    """q: (B, T, H, D), k/v: (B, T, Hkv, D) -> (B, T, H, D), causal, full softmax; with `docs`
+    (Documents), each query sees only its own document's keys."""
+    if docs is None:
+        if flash_attn_func is not None and _flash(q):
+            out = flash_attn_func(q, k, v, causal=True)
+            return out[0] if isinstance(out, tuple) else out
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, enable_gqa=True)
+        return y.transpose(1, 2)
+    # The variable-length kernel needs the segment boundaries as a host-known length, which a
+    # static compiled graph cannot have: compiled code takes the exact masked SDPA path instead.
+    if flash_attn_varlen_func is not None and _flash(q) and not torch.compiler.is_compiling():
+        B, T = q.shape[:2]
+        cu_seqlens, longest = docs.segments()
+        out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens,
+                                     longest, longest, causal=True)
+        return (out[0] if isinstance(out, tuple) else out).view_as(q)
+    # Grouped heads are expanded: SDPA's memory-efficient kernel takes a mask but not enable_gqa.
+    group = q.size(2) // k.size(2)
+    k, v = (t.repeat_interleave(group, dim=2) for t in (k, v))
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, enable_gqa=True)
+                                       attn_mask=docs.mask())
     return y.transpose(1, 2)
 
 
@@ -86,20 +138,32 @@ class SmearGate(nn.Module):
         return torch.cat((x[:, :1], cur + gate * x[:, :-1]), 1)
 
 
-class Rotary(nn.Module):
-    """Half-split rotary encoding of the first `dims` channels of each head."""
+def rope_frequencies(dims, base, device=None):
+    # 1 / base^(2i/dims) rather than base^(-2i/dims): the same frequencies to the last bit as the records.
+    return 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float32, device=device) / dims)
 
-    def __init__(self, dims, base):
+
+class Rotary(nn.Module):
+    """Half-split rotary encoding of the first `dims` channels of each head. Beyond `yarn_len`
+    positions (0: never) the base is NTK-scaled to base * (T / yarn_len)^(dims / (dims - 2)), so
+    the slowest frequency still turns less than it did over the trained length."""
+
+    def __init__(self, dims, base, yarn_len=0):
         super().__init__()
-        self.dims = dims
-        # 1 / base^(2i/dims) rather than base^(-2i/dims): the same frequencies to the last bit as the records.
-        self.register_buffer("inv_freq", 1.0 / base ** (torch.arange(0, dims, 2).float() / dims), persistent=False)
+        self.dims, self.base, self.yarn_len = dims, base, yarn_len
+        self.register_buffer("inv_freq", rope_frequencies(dims, base), persistent=False)
 
     def forward(self, x):
         if self.dims == 0:
             return x
-        t = torch.arange(x.size(1), device=x.device, dtype=self.inv_freq.dtype)  # bf16 positions, as the record's
-        angles = torch.outer(t, self.inv_freq)[None, :, None, :]
+        T = x.size(1)
+        if self.yarn_len and T > self.yarn_len:
+            inv_freq = rope_frequencies(self.dims, self.base * (T / self.yarn_len) ** (self.dims / (self.dims - 2)),
+                                        x.device)
+        else:
+            inv_freq = self.inv_freq
+        t = torch.arange(T, device=x.device, dtype=inv_freq.dtype)  # bf16 positions under record_precision, as r0409's
+        angles = torch.outer(t, inv_freq)[None, :, None, :]
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         half = self.dims // 2
         x1, x2, rest = x[..., :half], x[..., half:self.dims], x[..., self.dims:]
@@ -116,7 +180,7 @@ class Attention(nn.Module):
         self.v = nn.Linear(cfg.model_dim, kv_dim, bias=False)
         self.out = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
-        self.rotary = Rotary(cfg.rope_dims, cfg.rope_base)
+        self.rotary = Rotary(cfg.rope_dims, cfg.rope_base, cfg.rope_yarn_len)
         self.xsa = xsa
         self.gate = cfg.attn_gate
         if self.gate != "none":
@@ -129,7 +193,7 @@ class Attention(nn.Module):
         z = F.linear(x[..., :self.gate_w.size(1)], self.gate_w.to(x.dtype))
         return 2 * torch.sigmoid(z) if self.gate == "attn_out" else torch.sigmoid(z / 2 if self.gate == "sparse" else z)
 
-    def forward(self, x, ve=None, lora=None):
+    def forward(self, x, ve=None, lora=None, docs=None):
         B, T, _ = x.shape
         q, k, v = self.q(x), self.k(x), self.v(x)
         if lora is not None:
@@ -139,7 +203,7 @@ class Attention(nn.Module):
         v = (v if ve is None else v + ve.to(v.dtype)).view(B, T, self.num_kv_heads, self.head_dim)
         q = self.rotary(rms_norm(q)) * self.q_gain.to(q.dtype)[:, None]
         k = self.rotary(rms_norm(k))
-        y = causal_attention(q, k, v)
+        y = causal_attention(q, k, v, docs)
         if self.xsa:
             # Drop the part of each head's output that merely copies its own token's value.
             y = y.view(B, T, self.num_kv_heads, -1, self.head_dim)
@@ -174,18 +238,23 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))))
         self.ve_scale = nn.Parameter(torch.ones(1)) if layer in cfg.ve_layers else None
         self.norm_scale = 1 / math.sqrt(layer + 1) if cfg.ln_scale else 1.0
-        self.parallel = 0 <= cfg.parallel_residual_start <= layer
+        parallel = 0 <= cfg.parallel_residual_start <= layer
+        self.parallel = parallel and cfg.parallel_lanes == 1
+        if parallel and cfg.parallel_lanes == 2:
+            # lane_resid[i] scales lane i's carry; lane_post[s, i] is how much of sublayer s
+            # (0 attention, 1 MLP) lane i receives. The record's init: 1.1 and 1.
+            self.lane_resid = nn.Parameter(torch.full((2,), 1.1))
+            self.lane_post = nn.Parameter(torch.ones(2, 2))
+        else:
+            self.lane_resid = self.lane_post = None
 
-    def forward(self, x, x0, ve=None, lora=None):
+    def forward(self, x, x0, ve=None, lora=None, docs=None):
         """`lora`: optional test-time adapters for this virtual layer, modules "q", "k", "v", "o"
         reading the normed block input and "mlp" reading the MLP's input; each adds a delta to
         the projection (or sublayer output) of the same name."""
-        mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
+        x = self._mix(x, x0)
         h = rms_norm(x) * self.norm_scale
-        a = self.attn(h, None if self.ve_scale is None else ve * self.ve_scale.to(ve.dtype), lora)
-        if lora is not None:
-            a = a + lora["o"](h)
+        a = self._attention(h, ve, lora, docs)
         if self.parallel:
             # The MLP's input is normed anew rather than reusing h: the same values, but gradients
             # then sum as the records' do, which keeps training bit-comparable with their code.
@@ -193,6 +262,25 @@ class Block(nn.Module):
             return x + self.attn_scale.to(x.dtype) * a + self.mlp_scale.to(x.dtype) * self._mlp(h_mlp, lora)
         x = x + self.attn_scale.to(x.dtype) * a
         return x + self.mlp_scale.to(x.dtype) * self._mlp(rms_norm(x) * self.norm_scale, lora)
+
+    def forward_lanes(self, lanes, x0, ve=None, lora=None, docs=None):
+        """The two-lane parallel block (2026-04-27 record): attention reads the resid-mixed
+        attention lane, the MLP reads the MLP lane, and each lane takes both outputs."""
+        attn_lane, mlp_lane = lanes
+        h = rms_norm(self._mix(attn_lane, x0)) * self.norm_scale
+        a = self.attn_scale.to(h.dtype) * self._attention(h, ve, lora, docs)
+        m = self.mlp_scale.to(h.dtype) * self._mlp(rms_norm(mlp_lane) * self.norm_scale, lora)
+        resid, post = self.lane_resid.to(h.dtype), self.lane_post.to(h.dtype)
+        return (resid[0] * attn_lane + post[0, 0] * a + post[1, 0] * m,
+                resid[1] * mlp_lane + post[0, 1] * a + post[1, 1] * m)
+
+    def _mix(self, x, x0):
+        mix = self.resid_mix.to(x.dtype)
+        return mix[0] * x + mix[1] * x0
+
+    def _attention(self, h, ve, lora, docs):
+        a = self.attn(h, None if self.ve_scale is None else ve * self.ve_scale.to(ve.dtype), lora, docs)
+        return a if lora is None else a + lora["o"](h)
 
     def _mlp(self, x, lora):
         return self.mlp(x) if lora is None else self.mlp(x) + lora["mlp"](x)
@@ -264,21 +352,31 @@ class GPT(nn.Module):
             x = self.smear(x, ids)
         x = x0 = rms_norm(x)
         ve = None if self.value_emb is None else self.value_emb(ids)
+        docs = Documents(ids, self.cfg.bos_id) if self.cfg.doc_mask else None
         order = self.cfg.layer_order(self.looping)
         num_encoder = len(order) // 2
         skips = []
         lora = [None] * len(order) if adapters is None else adapters.layers
         for i, layer in enumerate(order[:num_encoder]):
-            x = self.blocks[layer](x, x0, ve, lora[i])
+            x = self.blocks[layer](x, x0, ve, lora[i], docs)
             skips.append(x)
+        mlp_lane = None  # the two-lane decoder's second lane; x is the first (the skips feed it)
         for j, layer in enumerate(order[num_encoder:]):
+            block = self.blocks[layer]
+            if block.lane_post is not None and mlp_lane is None:
+                mlp_lane = x  # both lanes start from the stream as it enters, before this layer's skip
             if skips:
                 skip = self.skip_weights[j].to(x.dtype) * skips.pop()
                 if self.skip_gates is None:
                     x = x + skip
                 else:
                     x = torch.lerp(skip, x, torch.sigmoid(self.skip_gates[j].to(x.dtype)))
-            x = self.blocks[layer](x, x0, ve, lora[num_encoder + j])
+            if block.lane_post is None:
+                x = block(x, x0, ve, lora[num_encoder + j], docs)
+            else:
+                x, mlp_lane = block.forward_lanes((x, mlp_lane), x0, ve, lora[num_encoder + j], docs)
+        if mlp_lane is not None:
+            x = 0.5 * (x + mlp_lane)
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         x = self.final_norm(x)
         logits = F.linear(x, head.to(x.dtype))

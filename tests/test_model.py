@@ -61,9 +61,12 @@ SWITCHES = {  # one entry per architecture switch, sized for TINY
     "gate_sparse": dict(attn_gate="sparse"),
     "gate_attn_out": dict(attn_gate="attn_out"),
     "value_emb": dict(ve_layers=(1, 3), ve_dim=16),
+    "doc_mask": dict(doc_mask=True),
+    "two_lanes": dict(parallel_lanes=2),
+    "yarn": dict(rope_yarn_len=16),
 }
 SWITCHES["all"] = {**SWITCHES["relu2"], **SWITCHES["bigram"], **SWITCHES["smear"], **SWITCHES["gate_sparse"],
-                   **SWITCHES["value_emb"]}
+                   **SWITCHES["value_emb"], **SWITCHES["doc_mask"], **SWITCHES["two_lanes"]}
 
 
 def token_ids(batch, length, seed=0):
@@ -147,8 +150,8 @@ def test_switch_parameter_counts_on_the_record():
     assert count(ve_layers=(9, 10)) == record + 8192 * 128 + 128 * 256 + 1 + 2
     assert count(attn_gate="dense") == record + 11 * 8 * 512
     assert count(attn_gate="attn_out") == count(attn_gate="sparse") == record + 11 * 8 * 12
-    # The 2026-04-27 record (35,945,671) is this plus its 66 two-lane residual lambdas.
-    assert count(smear_gate=True, attn_gate="sparse") == 35_945_671 - 66
+    # The 2026-04-27 record (35,945,671) stores lane weights for all 11 layers; 8 never read them.
+    assert count(smear_gate=True, attn_gate="sparse", parallel_residual_start=8, parallel_lanes=2) == 35_945_671 - 8 * 6
 
 
 def test_bigram_hash_is_the_records_int32_formula():
@@ -195,6 +198,48 @@ def test_attention_gates(gate, at_zero):
         tail = x.clone()
         tail[..., 12:] = 0
         assert g.shape == (2, 6, 4) and torch.equal(g, attn.head_gates(tail)) == (gate != "dense")
+
+
+def test_documents_are_scored_as_if_alone():
+    """With doc_mask, a row's logits are those of each of its documents run on its own (but for
+    BigramHash, whose BOS bucket hashes the token before it, as the records' does)."""
+    switches = {**SWITCHES["all"], "bigram_buckets": 0}
+    model = tiny_model(**switches)
+    ids = token_ids(1, 40)  # documents start at 0, 8, 16, 24, 32
+    with torch.no_grad():
+        together = model(ids)
+        alone = torch.cat([model(ids[:, a:a + 8]) for a in range(0, 40, 8)], 1)
+    assert torch.allclose(together, alone, atol=1e-5)
+    unmasked = tiny_model(**{**switches, "doc_mask": False})
+    with torch.no_grad():
+        assert not torch.allclose(unmasked(ids), alone, atol=1e-3)
+
+
+def test_two_lane_decoder_form_and_validation():
+    model = tiny_model(**SWITCHES["two_lanes"])
+    assert [b.lane_post is not None for b in model.blocks] == [False, False, False, True]
+    assert not any(b.parallel for b in model.blocks)
+    assert torch.all(GPT(model.cfg).blocks[3].lane_resid == 1.1)  # the record's init
+    with pytest.raises(PgError, match="parallel_lanes"):
+        ModelConfig(parallel_lanes=3)
+    # Decoder [4, 3, 4, 5]: a two-lane layer 4 followed by the one-lane layer 3 is refused.
+    with pytest.raises(PgError, match="two-lane"):
+        ModelConfig(num_layers=6, loop_start=3, loop_end=4, num_loops=1, parallel_residual_start=4,
+                    parallel_lanes=2, xsa_last_n=0)
+
+
+def test_yarn_scales_the_rope_base_beyond_its_length():
+    def rotated(yarn_len, length, base=10000.0):
+        attn = GPT(ModelConfig(**{**TINY.to_dict(), "rope_yarn_len": yarn_len, "rope_base": base})).blocks[0].attn
+        x = torch.randn(1, length, 4, 16, generator=torch.Generator().manual_seed(0))
+        return attn.rotary(x)
+
+    assert torch.equal(rotated(32, 32), rotated(0, 32))  # within the trained length: unchanged
+    # Beyond it, the same rotation as RoPE with base * (T / len)^(d / (d - 2)), d = rope_dims = 8.
+    assert torch.allclose(rotated(16, 32), rotated(0, 32, base=10000.0 * 2 ** (8 / 6)), atol=1e-6)
+    assert not torch.allclose(rotated(16, 32), rotated(0, 32), atol=1e-3)
+    with pytest.raises(PgError, match="rope_yarn_len"):
+        ModelConfig(rope_yarn_len=-1)
 
 
 def test_switch_config_validation_and_round_trip():

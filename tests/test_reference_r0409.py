@@ -132,6 +132,21 @@ def test_rope_conversion_is_what_makes_them_match(setup):
         assert (model.forward_logits(ids) - gpt.eval()(ids)).abs().max().item() > 1e-3
 
 
+def test_yarn_matches_the_record(setup):
+    """Beyond its training length the record NTK-scales its RoPE base; so does rope_yarn_len."""
+    _, val, model, model_cfg, _ = setup
+    model = copy.deepcopy(model)
+    for block in model.blocks:  # as if it had trained on half the rows' length
+        block.attn.rotary.train_seq_len, block.attn.rotary._cos_cached = SEQ_LEN // 2, None
+    gpt = GPT(ModelConfig(**{**model_cfg.to_dict(), "rope_yarn_len": SEQ_LEN // 2}))
+    gpt.load_state_dict(from_r0409(model.state_dict(), model_cfg))
+    ids = val.val_tokens[:2 * SEQ_LEN].long().view(2, SEQ_LEN)
+    with torch.no_grad():
+        theirs = model.forward_logits(ids)
+        assert (theirs - gpt.eval()(ids)).abs().max().item() <= 1e-5
+        assert (theirs - pgbuild_model(setup)(ids)).abs().max().item() > 1e-3
+
+
 def test_byte_counts_match_the_record(setup, tables, ref):
     h, val, model, _, _ = setup
     ref_tables = [t.numpy() for t in ref.build_sentencepiece_luts(val.sp, h.vocab_size, torch.device("cpu"))]

@@ -51,12 +51,12 @@ def resolve_preset(name, config_file, assignments, recipe=None):
     return apply_overrides(preset, assignments)
 
 
-def preset_options(f, default="tiny"):
+def preset_options(f, default="tiny", default_help=None):
     f = click.option("--set", "assignments", multiple=True, metavar="SECTION.FIELD=VALUE", help=_set_help())(f)
     f = click.option("--config", "config_file", type=click.Path(dir_okay=False),
                      help="TOML file with [model], [train], [quant], [eval] tables")(f)
-    f = click.option("--preset", default=default, show_default=True, type=click.Choice(list(PRESETS)),
-                     help="named configuration")(f)
+    f = click.option("--preset", default=default, show_default=default_help is None, type=click.Choice(list(PRESETS)),
+                     help="named configuration" + (f" (default: {default_help})" if default_help else ""))(f)
     return f
 
 
@@ -290,18 +290,18 @@ def eval_checkpoint(checkpoint, data, mode, max_val_tokens, as_json):
 
 @main.command("import")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--format", "fmt", required=True, type=click.Choice(["r0409"]),
-              help="whose checkpoint: r0409 is the 2026-04-09 record's final_model.pt")
+@click.option("--format", "fmt", required=True, type=click.Choice(["r0409", "r0427"]),
+              help="whose checkpoint: r0409 / r0427 is the 2026-04-09 / 2026-04-27 record's final_model.pt")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="pgbuild checkpoint to write")
-@lambda f: preset_options(f, default="record")
+@lambda f: preset_options(f, default=None, default_help="the format's: record for r0409, r0427 for r0427")
 def import_checkpoint(checkpoint, fmt, out, preset, config_file, assignments):
     """Turn another training script's weights into a pgbuild checkpoint (for eval and quantize);
     the preset (+ --config, --set) gives the shapes, which must match the file's exactly."""
     from builder.checkpoint import save_checkpoint
-    from builder.train.importer import import_r0409
+    from builder.train.importer import import_record
 
-    preset = resolve_preset(preset, config_file, assignments)
-    state, prov = import_r0409(checkpoint, preset.model)
+    preset = resolve_preset(preset or {"r0409": "record"}.get(fmt, fmt), config_file, assignments)
+    state, prov = import_record(checkpoint, fmt, preset.model)
     save_checkpoint(out, state, preset, prov)
     click.echo(f"wrote {out}: {sum(t.numel() for t in state.values()):,} parameters, preset model "
                f"{preset.model.num_layers} layers x {preset.model.model_dim}")

@@ -20,20 +20,28 @@ NEWTON_SCHULZ = {
 }
 
 
-def newton_schulz(g, coefficients, steps):
-    """Approximately orthogonalize `g` (the U V^T of its SVD) with quintic Newton-Schulz steps.
+def newton_schulz(g, schedule, steps):
+    """Approximately orthogonalize `g` (the U V^T of its SVD) with quintic Newton-Schulz steps of
+    the coefficient set named `schedule`.
 
-    In bf16 on every device, as the records run it: the iteration only needs a rough U V^T, and
-    one precision everywhere keeps CPU runs step for step equal to the records' code."""
+    In bf16 on every device, as the records run it: the iteration only needs a rough U V^T. Each
+    set computes in its record's own operation order (classic: r0409 normalizes, then transposes
+    a tall matrix and forms (c A) A; polar_express: r0427 transposes first and forms c (A A)),
+    because bf16 rounds each order differently and five steps amplify it: so CPU runs stay step
+    for step equal to the records' code."""
+    coefficients, as_r0427 = NEWTON_SCHULZ[schedule], schedule == "polar_express"
     x = g.bfloat16()
-    x = x / (x.norm() + 1e-7)
     tall = x.size(0) > x.size(1)
-    if tall:
+    if tall and as_r0427:
+        x = x.T
+    x = x / (x.norm() + 1e-7)
+    if tall and not as_r0427:
         x = x.T
     for i in range(steps):
         a, b, c = coefficients[min(i, len(coefficients) - 1)]
         gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        quartic = c * (gram @ gram) if as_r0427 else c * gram @ gram
+        x = a * x + (b * gram + quartic) @ x
     return x.T if tall else x
 
 
@@ -47,7 +55,7 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr, momentum, weight_decay, coefficients="classic", ns_steps=5):
         super().__init__(list(params), dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
-        self.coefficients = NEWTON_SCHULZ[coefficients]
+        self.coefficients = coefficients
         self.ns_steps = ns_steps
 
     @torch.no_grad()
@@ -91,9 +99,9 @@ class Muon(torch.optim.Optimizer):
 
 
 def is_control(name, p):
-    """Scales, gains, mixes, skip weights and gate rows (attention/smear `gate_w`, as the records
-    route `attn_gate_w`): small tensors that AdamW handles better than Muon."""
-    return p.ndim < 2 or name.startswith("skip_") or name.endswith(("resid_mix", "q_gain", "gate_w"))
+    """Scales, gains, mixes, skip weights, lane weights and gate rows (attention/smear `gate_w`, as
+    the records route `attn_gate_w`): small tensors that AdamW handles better than Muon."""
+    return p.ndim < 2 or name.startswith("skip_") or name.endswith(("resid_mix", "q_gain", "gate_w", "lane_post"))
 
 
 def is_embedding(name):
