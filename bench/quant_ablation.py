@@ -1,10 +1,12 @@
 """Quantization ablation at equal artifact bytes: each technique alone, and all together,
-against the 2026-04-09 record's recipe.
+against a record's recipe.
 
-    python bench/quant_ablation.py --checkpoint ckpt.pt --data DIR [--max-val-tokens N] [--set k=v] [--json OUT]
+    python bench/quant_ablation.py --checkpoint ckpt.pt --data DIR [--baseline r0409|r0427] [--max-val-tokens N]
+        [--set k=v] [--json OUT]
 
-The `r0409` row packs the record's recipe at its natural size S. Every other row allocates bit
-widths by rate-distortion (quant.allocation=rd) for the budget S, so all rows cost the same bytes;
+The baseline row (`r0409`, the 2026-04-09 record's recipe, or `r0427`, the 2026-04-27 record's)
+packs that recipe at its natural size S. Every other row allocates bit widths by rate-distortion
+(quant.allocation=rd) on top of the baseline's settings for the budget S, so all rows cost the same bytes;
 the `rd` row isolates the allocator, the others add one technique to it (rows in BUDGET_SCALE get
 a fraction of S instead). The gap is the packed artifact's standard bpb minus the unquantized
 model's, both scored by the runtime's evaluator on the same validation tokens. Hessians come from
@@ -30,16 +32,17 @@ from builder.pipeline import val_stream
 from builder.presets import RECIPES, apply_recipe
 from builder.quant.calibration import LossProbe, collect_hessians
 from builder.quant.policy import Quantizer
-from runtime.api import load_model
+from runtime.api import byte_counts, load_model
 from runtime.artifact import Artifact
 from runtime.data import find_data
-from runtime.evaluate import byte_tables, evaluate
+from runtime.evaluate import evaluate
 from runtime.files import file_sha256
 
 CLIP_SEARCH = RECIPES["best"]["clip_search"]
 PRUNE_FRACTIONS = (0.1, 0.25, 0.5)
 ROWS = {
-    "r0409": {},
+    "r0409": "r0409",
+    "r0427": "r0427",
     "rd, raw Hessian errors": dict(allocation="rd", probe_tokens=0),
     "rd": dict(allocation="rd"),
     "rd + hessian-aware clip": dict(allocation="rd", hessian_clip_lambda=0.175),
@@ -81,6 +84,8 @@ def main():
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--data", required=True)
     parser.add_argument("--max-val-tokens", type=int)
+    parser.add_argument("--baseline", default="r0409", choices=("r0409", "r0427"),
+                        help="the recipe every other row matches in bytes")
     parser.add_argument("--rows", help="comma-separated subset of: " + "; ".join(ROWS))
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override the checkpoint's settings, e.g. quant.probe_tokens=16384")
@@ -88,10 +93,11 @@ def main():
     args = parser.parse_args()
     device = torch.device("cpu")
     model, base, _ = load_checkpoint(args.checkpoint, device)
-    base = apply_overrides(apply_recipe(base, "r0409"), args.set)
+    base = apply_overrides(apply_recipe(base, args.baseline), args.set)
     layout = find_data(args.data, base.model.vocab_size)
-    tables = byte_tables(spm.SentencePieceProcessor(model_file=layout.tokenizer), base.model.vocab_size)
     tokens = val_stream(layout, base, args.max_val_tokens)
+    tables = byte_counts(layout, spm.SentencePieceProcessor(model_file=layout.tokenizer), base.model.vocab_size,
+                         tokens, layout.has_byte_sidecar())
     model.looping = True
     prequant = evaluate(copy.deepcopy(model), tokens, tables, base.eval, "standard", device).val_bpb
     hessians = collect_hessians(model, layout, base.quant, base.train.seq_len, device, base.train.seed)
@@ -101,9 +107,9 @@ def main():
     rows = [r.strip() for r in args.rows.split(",")] if args.rows else list(ROWS)
     results, budget = [], None
     print(f"unquantized standard bpb {prequant:.5f} on {len(tokens) - 1:,} tokens")
-    print("| recipe | artifact bytes | quantized bpb | gap | gap / r0409 gap | seconds |")
+    print(f"| recipe | artifact bytes | quantized bpb | gap | gap / {args.baseline} gap | seconds |")
     print("|---|---:|---:|---:|---:|---:|")
-    for name in ["r0409"] + [r for r in rows if r != "r0409"]:
+    for name in [args.baseline] + [r for r in rows if r != args.baseline]:
         spec = ROWS[name]
         preset = apply_recipe(base, spec) if isinstance(spec, str) else \
             dataclasses.replace(base, quant=dataclasses.replace(base.quant, **spec))

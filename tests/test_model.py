@@ -215,6 +215,26 @@ def test_documents_are_scored_as_if_alone():
         assert not torch.allclose(unmasked(ids), alone, atol=1e-3)
 
 
+def test_variable_length_attention_gets_each_documents_segment(monkeypatch):
+    """The FlashAttention varlen path (CUDA only) flattens the rows into one stream cut at every row
+    start and BOS; here it runs through the reference scripts' stand-in kernel (one causal SDPA
+    per segment, bench/reference.py) and must equal the masked SDPA path."""
+    from reference import sdpa_flash_attn_varlen_func
+
+    from runtime import model as runtime_model
+
+    ids = token_ids(2, 20)  # BOS at 0, 8, 16 in each row
+    docs = runtime_model.Documents(ids, bos_id=1)
+    cu_seqlens, longest = docs.segments()
+    assert cu_seqlens.tolist() == [0, 8, 16, 20, 28, 36, 40] and longest == 8
+    q, k, v = (torch.randn(2, 20, heads, 16, generator=torch.Generator().manual_seed(heads))
+               for heads in (4, 2, 2))
+    masked = runtime_model.causal_attention(q, k, v, docs)
+    monkeypatch.setattr(runtime_model, "flash_attn_varlen_func", sdpa_flash_attn_varlen_func)
+    monkeypatch.setattr(runtime_model, "_flash", lambda q: True)
+    assert torch.allclose(runtime_model.causal_attention(q, k, v, docs), masked, atol=1e-6)
+
+
 def test_two_lane_decoder_form_and_validation():
     model = tiny_model(**SWITCHES["two_lanes"])
     assert [b.lane_post is not None for b in model.blocks] == [False, False, False, True]
