@@ -84,7 +84,6 @@ def causal_attention(q, k, v, docs=None):
     # The variable-length kernel needs the segment boundaries as a host-known length, which a
     # static compiled graph cannot have: compiled code takes the exact masked SDPA path instead.
     if flash_attn_varlen_func is not None and _flash(q) and not torch.compiler.is_compiling():
-        B, T = q.shape[:2]
         cu_seqlens, longest = docs.segments()
         out = flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_seqlens, cu_seqlens,
                                      longest, longest, causal=True)

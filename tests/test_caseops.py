@@ -106,15 +106,23 @@ def test_the_byte_sidecar_counts_the_original_text_of_every_validation_document(
     assert int(counts.sum()) == sum(len(o.encode()) for o in originals)
 
 
+R0427_FEATURES = ["model.doc_mask=true", "model.parallel_lanes=2", "model.smear_gate=true", "model.attn_gate=sparse"]
+
+
 def test_a_caseops_artifact_scores_bits_per_original_byte(caseops_data, clean_env, tmp_path):
+    """Shaped as the 2026-04-27 record is (its model features, at tiny sizes), as it would be run."""
     artifact = tmp_path / "caseops.py"
+    features = [arg for flag in R0427_FEATURES for arg in ("--set", flag)]
     run_pgbuild("train-and-pack", "--preset", "tiny", "--data", caseops_data, "--out", artifact, "--set",
-                "train.iterations=5", "--eval-tokens", 3000, "--eval-modes", "standard")
-    assert Artifact(str(artifact)).manifest["byte_sidecar"] is True
-    proc = run_artifact(artifact, "eval", "--data", caseops_data, "--mode", "standard", "--max-val-tokens", 3000,
-                        "--json", env=clean_env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(proc.stdout)
+                "train.iterations=5", *features, "--eval-tokens", 3000, "--eval-modes", "standard,lora")
+    manifest = Artifact(str(artifact)).manifest
+    assert manifest["byte_sidecar"] is True and manifest["model"]["doc_mask"] is True
+    for mode in ("standard", "lora"):
+        proc = run_artifact(artifact, "eval", "--data", caseops_data, "--mode", mode, "--max-val-tokens", 3000,
+                            "--json", env=clean_env, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(proc.stdout)
+        assert round(result["val_bpb"], 5) == manifest["metrics"][f"{mode}_bpb"]  # as measured at build time
     layout = find_data(str(caseops_data), 1024)
     tokens = load_tokens(layout, "val", 3000)[:result["tokens"] + 1]
     assert result["bytes"] == int(load_tokens(layout, "val_bytes")[1:len(tokens)].sum())
