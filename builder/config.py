@@ -193,6 +193,9 @@ class QuantConfig(ConfigBase):
     control_int8: bool = False
     """Store control tensors as int8 with one scale, and small matrices as int8 rows (PR #1716's
     Path A v3), instead of fp16."""
+    gate_int8_rows: bool = False
+    """Store the attention gates (attn.gate_w) as int8 rows with an fp16 absmax/127 scale each,
+    the other control tensors staying fp16 (the 2026-04-27 record's GATED_ATTN_QUANT_GATE)."""
     allocation: str = "fit"
     """'fit': the recipe's bit widths, lowered only where needed to fit the budget; 'rd':
     rate-distortion allocation of bit widths (and clip k, transforms) that minimizes total

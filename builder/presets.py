@@ -11,18 +11,19 @@ from runtime.errors import PgError
 
 RECIPES = {
     "r0409": dict(matrix_bits=6, matrix_clip_k=12.85, mlp_clip_k=12.85, embed_bits=8, embed_clip_k=20.0,
-                  hessian_clip_lambda=0.0, clip_search=(), control_int8=False, allocation="fit", transforms=(),
-                  lqer_rank=0),
+                  hessian_clip_lambda=0.0, clip_search=(), control_int8=False, gate_int8_rows=False, allocation="fit",
+                  transforms=(), lqer_rank=0),
     "r0427": dict(matrix_bits=6, matrix_clip_k=13.0, mlp_clip_k=11.5, embed_bits=7, embed_clip_k=14.0,
-                  hessian_clip_lambda=0.0, clip_search=(), control_int8=False, allocation="fit", transforms=(),
-                  lqer_rank=4, lqer_top=3, calibration_batches=16),
+                  hessian_clip_lambda=0.0, clip_search=(), control_int8=False, gate_int8_rows=True, allocation="fit",
+                  transforms=(), lqer_rank=4, lqer_top=3, calibration_batches=16),
     "best": dict(allocation="rd", hessian_clip_lambda=0.175, clip_search=(0.35, 0.5, 0.7, 1.0), control_int8=True,
                  transforms=("hadamard", "awq"), lqer_rank=4),
 }
 """Quantization recipes: named overrides of the `quant` section. `r0409` is the 2026-04-09
 record's (GPTQ + SDClip, int6 k=12.85 matrices, int8 k=20 embedding, fp16 passthrough). `r0427`
 is the 2026-04-27 record's: int6 attention (k=13) and MLP (k=11.5) matrices, int7 embedding
-(k=14), asymmetric LQER rank 4 on 3 matrices, 16 calibration batches. `best`
+(k=14), int8 rows for the attention gates, asymmetric LQER rank 4 on 3 matrices, 16 calibration
+batches. `best`
 is every technique at once, which measured best at equal bytes on the model trained on
 ../shared/corpus (0.17x r0409's quantization gap; BENCHMARKS.md, quantization ablation):
 rate-distortion allocation with loss-calibrated errors over bit widths, clip multipliers and

@@ -18,6 +18,7 @@ from builder.provenance import of_training
 from builder.train.trainer import setup_context, train
 from runtime.artifact import Artifact
 from runtime.cli import ArgumentParser, positive_int
+from runtime.distributed import leave_distributed
 from runtime.errors import PgError, refuse
 from runtime.files import file_sha256
 from runtime.threads import set_threads
@@ -70,6 +71,7 @@ def main(argv, archive_path):
             shown = {k: v for k, v in summary.items() if k not in ("bits", "tensors")}
             print(json.dumps(shown) if args.json else "\n".join(f"{k}: {v}" for k, v in shown.items()))
         sys.stdout.flush()
+        leave_distributed()
         return 0
     except PgError as e:
         return refuse(e)

@@ -88,12 +88,11 @@ def refuse_unwritable(path):
 def run_eval(args, manifest, read_member):
     import numpy as np
     import torch
-    import torch.distributed as dist
 
     from .api import load_model, load_validation
     from .baselines import baselines
     from .baselines import describe as describe_baselines
-    from .distributed import Ranks, init_distributed
+    from .distributed import Ranks, init_distributed, leave_distributed
     from .evaluate import evaluate
 
     if "tensors" not in manifest:
@@ -123,8 +122,7 @@ def run_eval(args, manifest, read_member):
                       on_score=lambda a, b: (pace(a, b), progress(a, b)), on_train=pace.trained)
     progress.close()
     if ranks.active:
-        dist.barrier()  # a rank tearing the group down while another still uses it makes gloo abort
-        dist.destroy_process_group()
+        leave_distributed()
         if not ranks.is_main:
             return 0
     if args.dump_nll:

@@ -25,6 +25,15 @@ def init_distributed():
     return device
 
 
+def leave_distributed():
+    """Leave the process group, if this process joined one, once every rank is done with it: a
+    rank that exits (or tears the group down) while another still talks to it makes gloo abort
+    the other ("terminate called without an active exception"), after the work succeeded."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 class Ranks:
     """This process's place among the ranks of the joined process group (one rank when none)."""
 

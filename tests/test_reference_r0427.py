@@ -9,6 +9,7 @@ SDPA call per document, bench/reference.py), its Triton kernels are off.
 """
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -20,6 +21,7 @@ from conftest import FIXTURE, VAL_DOCS, run_pgbuild
 from oracle import load_reference
 
 from builder.commands.main import main
+from builder.config import QuantConfig
 from builder.data.build import build_dataset
 from builder.train.importer import from_r0427
 from runtime.config import EvalConfig, ModelConfig
@@ -203,6 +205,26 @@ def test_polar_express_newton_schulz_is_the_records():
         assert torch.equal(newton_schulz(g, "polar_express", 5), ref_module.zeropower_via_newtonschulz5(g, steps=5))
 
 
+def test_attention_gates_quantize_as_the_records_int8_rows(ref, setup):
+    """The r0427 recipe stores attn.gate_w as the record's _quantize_gate_int8_row does (pgbuild
+    rounds a row's fp16 scale up where rounding it down would clip the row's largest value)."""
+    from builder.presets import RECIPES
+    from builder.quant.policy import Quantizer
+
+    state = pgbuild_model(setup).state_dict()
+    quantizer = Quantizer(state, {}, dataclasses.replace(QuantConfig(), **RECIPES["r0427"]))
+    assert quantizer.encode("smear.gate_w").enc == "fp16"  # other control tensors stay fp16
+    for layer in range(MODEL.num_layers):
+        name = f"blocks.{layer}.attn.gate_w"
+        ours = quantizer.encode(name)
+        codes, scales = ref._quantize_gate_int8_row(state[name])
+        unclipped = scales.float() * 127 >= state[name].abs().amax(1)
+        assert ours.enc == "int8" and unclipped.any()
+        assert np.array_equal(ours.data[unclipped.numpy()], codes[unclipped].numpy())
+        assert np.array_equal(ours.scales[unclipped.numpy()], scales[unclipped].numpy())
+        assert torch.allclose(ours.dequantize(), state[name], atol=float(scales.float().max()) / 2 + 1e-7)
+
+
 def test_byte_counts_match_the_record(ref, setup, caseops_data):
     h, val, model = setup
     layout = find_data(str(caseops_data), 1024)
@@ -266,6 +288,15 @@ def test_lora_ttt_bpb_matches_the_record(ref, setup, caseops_data, monkeypatch):
     theirs = ref.eval_val_ttt_phased(h, record, torch.device("cpu"), val, record.forward_ttt)[1]
     plain = evaluate(pgbuild_model(setup), tokens, counts, cfg, "standard", torch.device("cpu")).val_bpb
     assert abs(ours.val_bpb - theirs) <= 1e-6 and abs(ours.val_bpb - plain) > 1e-2
+
+
+def test_bench_export_is_the_inverse_of_the_import(setup):
+    """bench/r0427_phased.py hands pgbuild weights to the record's code through to_r0427."""
+    from r0427_phased import to_r0427
+
+    state = pgbuild_model(setup).state_dict()
+    back = from_r0427(to_r0427(state, MODEL), MODEL)
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
 
 
 def test_from_r0427_rejects_what_is_not_the_record(setup):

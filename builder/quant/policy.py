@@ -157,6 +157,8 @@ class Quantizer:
 
     def _passthrough(self, name):
         t = self.state[name]
+        if self.qcfg.gate_int8_rows and name.endswith("attn.gate_w"):
+            return encode_int8_rows(name, t)
         if not self.qcfg.control_int8:
             return encode_passthrough(name, t)
         if t.ndim == 2 and min(t.shape) > 1:

@@ -1,0 +1,138 @@
+"""Phased LoRA TTT as the 2026-04-27 record orders it, against pgbuild's `lora` mode, on the same
+weights and validation tokens (CPU).
+
+    python bench/r0427_phased.py --checkpoint C.pt --data DIR [--max-val-tokens N] [--phase-docs P]
+        [--set eval.FIELD=VALUE]
+
+The checkpoint is a pgbuild one of an r0427-shaped model (`--preset r0427`); its weights are
+handed to the record's own code (../shared/reference/r0427_train_gpt.py, loaded as the tests load
+it) through `to_r0427`, the inverse of builder.train.importer.from_r0427. Both then score the
+same prefix with the same adapter rank, chunk, optimizer and phase settings; they differ in the
+order documents are taken (the record: batches of the longest documents first, phases training
+the base weights on the first P documents of that order; pgbuild: stream order, so no score
+depends on later text) and in the adapters' random init. The standard mode is scored by both as
+a check that the weights arrived intact.
+"""
+
+import argparse
+import copy
+import dataclasses
+import math
+import time
+
+import sentencepiece as spm
+import torch
+from reference import load_reference_module
+
+from builder.checkpoint import load_checkpoint
+from builder.config import apply_overrides
+from builder.pipeline import val_stream
+from builder.train.importer import R0427_BANKS, R0427_LANES, R0427_NAMES, _flip_rope_rows
+from runtime.api import byte_counts
+from runtime.data import find_data
+from runtime.evaluate import evaluate
+
+
+def to_r0427(state, cfg):
+    """A pgbuild state dict of ModelConfig `cfg` as the record's `state_dict` (banks stacked, names
+    mapped, RoPE rows flipped back; lane weights of the sequential layers at their init)."""
+    n, out = cfg.num_layers, {}
+    flipped = dict(state)
+    for layer in range(n):
+        for name, heads in (("q", cfg.num_heads), ("k", cfg.num_kv_heads)):
+            key = f"blocks.{layer}.attn.{name}.weight"
+            flipped[key] = _flip_rope_rows(state[key], heads, cfg)
+    used = set()
+    for bank, parts in R0427_BANKS.items():
+        keys = [f"blocks.{layer}.{part}" for part in parts for layer in range(n)]
+        out[bank] = torch.stack([flipped[k] for k in keys])
+        used.update(keys)
+    lanes = {"lane_post": torch.ones(n, 2, 2), "lane_resid": torch.full((n, 2), 1.1)}
+    for name, t in flipped.items():
+        parts = name.split(".")
+        if name in used:
+            continue
+        if parts[0] == "blocks" and parts[-1] in lanes:
+            lanes[parts[-1]][int(parts[1])] = t
+        elif name.endswith(".attn.gate_w"):
+            out[name.replace(".attn.gate_w", ".attn.attn_gate_w")] = t
+        else:
+            out[{v: k for k, v in R0427_NAMES.items()}.get(name, name)] = t
+    out.update({record: lanes[ours] for record, ours in R0427_LANES.items()})
+    return out
+
+
+def record_env(cfg, evalc, data_dir, tokenizer, phase_docs):
+    """The record's Hyperparameters for pgbuild's model and eval configs."""
+    return dict(
+        VOCAB_SIZE=cfg.vocab_size, NUM_LAYERS=cfg.num_layers, MODEL_DIM=cfg.model_dim, NUM_HEADS=cfg.num_heads,
+        NUM_KV_HEADS=cfg.num_kv_heads, MLP_MULT=cfg.mlp_mult, ROPE_DIMS=cfg.rope_dims, ROPE_BASE=cfg.rope_base,
+        QK_GAIN_INIT=cfg.qk_gain_init, LOGIT_SOFTCAP=cfg.logit_softcap, LOOP_START=cfg.loop_start,
+        LOOP_END=cfg.loop_end, NUM_LOOPS=cfg.num_loops, PARALLEL_START_LAYER=max(cfg.parallel_residual_start, 0),
+        XSA_LAST_N=cfg.xsa_last_n, SMEAR_GATE_ENABLED=int(cfg.smear_gate), GATE_WINDOW=cfg.gate_window,
+        SPARSE_ATTN_GATE_ENABLED=int(cfg.attn_gate == "sparse"), SPARSE_ATTN_GATE_SCALE=0.5,
+        TRAIN_SEQ_LEN=evalc.seq_len, EVAL_SEQ_LEN=evalc.seq_len, TTT_EVAL_SEQ_LEN=evalc.seq_len,
+        VAL_BATCH_TOKENS=8 * evalc.seq_len, FUSED_CE_ENABLED=0, CASEOPS_ENABLED=1, DATA_PATH=data_dir,
+        TOKENIZER_PATH=tokenizer, TTT_LORA_RANK=evalc.lora_rank, TTT_LORA_ALPHA=evalc.lora_alpha,
+        TTT_LORA_LR=evalc.lora_lr, TTT_CHUNK_SIZE=evalc.lora_chunk_tokens, TTT_BATCH_SIZE=evalc.lora_batch_docs,
+        TTT_BETA1=evalc.lora_betas[0], TTT_BETA2=evalc.lora_betas[1], TTT_WEIGHT_DECAY=evalc.lora_weight_decay,
+        PHASED_TTT_PREFIX_DOCS=phase_docs, PHASED_TTT_NUM_PHASES=evalc.lora_phases,
+        GLOBAL_TTT_LR=evalc.lora_phase_lr, GLOBAL_TTT_MOMENTUM=evalc.ttt_momentum,
+        GLOBAL_TTT_CHUNK_TOKENS=evalc.ttt_chunk_tokens, GLOBAL_TTT_GRAD_CLIP=evalc.ttt_grad_clip)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--max-val-tokens", type=int)
+    parser.add_argument("--phase-docs", type=int, help="documents the phases train on (default: eval.lora_phase_docs)")
+    parser.add_argument("--set", action="append", default=[], metavar="eval.FIELD=VALUE")
+    args = parser.parse_args()
+    device = torch.device("cpu")
+    model, preset, _ = load_checkpoint(args.checkpoint, device)
+    preset = apply_overrides(preset, args.set)
+    if args.phase_docs is not None:
+        preset = dataclasses.replace(preset, eval=dataclasses.replace(preset.eval, lora_phase_docs=args.phase_docs))
+    cfg, evalc = preset.model, preset.eval
+    layout = find_data(args.data, cfg.vocab_size)
+    tokens = val_stream(layout, preset, args.max_val_tokens)
+    counts = byte_counts(layout, spm.SentencePieceProcessor(model_file=layout.tokenizer), cfg.vocab_size, tokens, True)
+    model.looping = True
+
+    ref = load_reference_module("r0427", record_env(cfg, evalc, layout.shard_dir, layout.tokenizer,
+                                                    evalc.lora_phase_docs), cpu=True)
+    ref.BOS_ID = cfg.bos_id
+    h = ref.Hyperparameters()
+    val = ref.ValidationData(h, device)
+    val.val_tokens, val.val_bytes = val.val_tokens[:len(tokens)], val.val_bytes[:len(tokens)]
+    assert torch.equal(val.val_tokens, torch.from_numpy(tokens.astype("int64")).to(val.val_tokens.dtype))
+
+    def record_model():
+        m = ref.GPT(h).float()
+        m.load_state_dict(to_r0427(model.state_dict(), cfg))
+        for block in m.blocks:
+            block.mlp.use_fused = False  # the Triton MLP
+        m.looping_active = True
+        return m
+
+    docs = len(ref._find_docs(val.val_tokens))
+    print(f"{len(tokens) - 1:,} tokens, {docs} documents; phases: {evalc.lora_phases} over the first "
+          f"{min(evalc.lora_phase_docs, docs)} documents; LoRA rank {evalc.lora_rank}, chunk {evalc.lora_chunk_tokens}")
+    print("| mode | pgbuild bpb | s | record bpb | s |")
+    print("|---|---:|---:|---:|---:|")
+    for mode in ("standard", "lora"):
+        t0 = time.perf_counter()
+        ours = evaluate(copy.deepcopy(model), tokens, counts, evalc, mode, device).val_bpb
+        t1 = time.perf_counter()
+        m = record_model()
+        theirs = (ref.eval_val(h, device, val, m) if mode == "standard"
+                  else ref.eval_val_ttt_phased(h, m, device, val, m.forward_ttt))[1]
+        t2 = time.perf_counter()
+        print(f"| {mode} | {ours:.5f} | {t1 - t0:.0f} | {theirs:.5f} | {t2 - t1:.0f} |", flush=True)
+        if mode == "standard" and not math.isclose(ours, theirs, abs_tol=1e-5):
+            raise SystemExit("standard bpb differs: the weights did not arrive intact")
+
+
+if __name__ == "__main__":
+    main()
