@@ -6,7 +6,10 @@ Prints: file size, container overhead (file minus member payloads), runtime code
 time the runtime takes to verify every member and decode the weights into its model (what
 `python artifact.py eval` does before scoring, one process on the CPU), and the weight payload against (a) the
 records' scheme on the same quantized codes — torch.save of the
-int8 codes and fp16 scales, byte-shuffled, brotli-11 — and (b) the order-0 entropy of the symbols.
+int8 codes and fp16 scales, byte-shuffled, brotli-11 —, (b) where `lrzip` is on the PATH, the
+2026-04-27 record's per-group scheme, run by its own `_serialize_pergroup` (each matrix kind's
+codes of every layer in one lrzip -L 9 stream, rows of three kinds similarity-sorted and
+transposed; scales and the rest torch.save + brotli), and (c) the order-0 entropy of the symbols.
 With --streams, also every integer code stream under brotli-11 / LZMA / rans, as quantized and in
 greedy row order transposed (+ its row orders' bytes), and the rans decode time of 16 M symbols
 drawn from the artifact's own int6 code distribution.
@@ -91,6 +94,31 @@ def stream_report(manifest, streams):
               f"decode {t2 - t1:.2f} s")
 
 
+def r0427_pergroup_bytes(codes, scales, passthrough):
+    """(bytes, seconds) of the 2026-04-27 record's per-group lrzip serialization of these codes,
+    by its own code, under its tensor names."""
+    import shutil
+    import tempfile
+
+    from reference import load_reference_module
+
+    from builder.train.importer import _record_name
+
+    if shutil.which("lrzip") is None:
+        return None
+    ref = load_reference_module("r0427")
+    result = {}
+    for name, q in codes.items():
+        result[_record_name(name) + ".q"] = q
+        result[_record_name(name) + ".scale"] = scales[name].half()
+    result.update({_record_name(name): t for name, t in passthrough.items()})
+    num_layers = 1 + max(int(n.split(".")[1]) for n in codes if n.startswith("blocks."))
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        blob = ref._serialize_pergroup(result, {}, num_layers, tmp)
+    return len(blob), time.perf_counter() - t0
+
+
 def decode_seconds(path):
     """Wall seconds to open the artifact, check every member's SHA-256 and build the model with
     its decoded weights, as the runtime does before scoring."""
@@ -139,9 +167,15 @@ def main(path, streams_too=False):
         ("records' scheme: torch.save + byte-shuffle + brotli-11", records),
         ("order-0 entropy of the same symbols", round(entropy)),
     ]
+    pergroup = r0427_pergroup_bytes(codes, scales, passthrough)
+    if pergroup is not None:
+        rows.insert(-1, ("r0427's scheme: per-group lrzip -L 9 + brotli remainder", pergroup[0]))
     for label, value in rows:
         print(f"{label:<56} {value:>12,}")
     print(f"{'pgbuild / records scheme':<56} {weights_packed / records:>12.4f}")
+    if pergroup is not None:
+        print(f"{'pgbuild / r0427 scheme':<56} {weights_packed / pergroup[0]:>12.4f}")
+        print(f"{'r0427 scheme: serialize time':<56} {pergroup[1]:>10.2f} s")
     print(f"{'pgbuild / order-0 entropy':<56} {weights_packed / entropy:>12.4f}")
     print(f"{'runtime: verify members + decode weights into the model':<56} {seconds:>10.2f} s")
     if streams_too:

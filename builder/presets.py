@@ -96,7 +96,9 @@ def _r0427():
     Differences (pgbuild's own, kept): training rows are seq_len windows masked at BOS, where the
     record packs 98,304-token rows and cuts documents every 2,048 tokens from their BOS; LQER
     corrects the 3 matrices with the largest Hessian-weighted error (the record: Frobenius); the
-    LoRA mode scores in stream order with a separate scoring forward (runtime/lora_ttt.py)."""
+    phases of the LoRA mode train on the stream's first documents, so every score stays causal
+    (`--set eval.lora_order=record`, or `artifact.py eval --lora-order record`, runs the record's
+    schedule, equal to its code but not causal: C1)."""
     return Preset(
         model=ModelConfig(qk_gain_init=5.0, parallel_residual_start=8, parallel_lanes=2, smear_gate=True,
                           attn_gate="sparse", doc_mask=True),

@@ -12,7 +12,7 @@ import os
 import sys
 import tempfile
 
-from .config import MODES, EvalConfig
+from .config import LORA_ORDERS, MODES, EvalConfig
 from .errors import PgError, refuse
 from .files import atomic_path
 from .progress import Pace, ProgressLine, estimate_line
@@ -50,6 +50,9 @@ def parse_args(argv):
                     help="evaluation mode: ttt is score-first TTT, lora document-wise LoRA TTT with phases "
                          "(default: ttt)")
     ev.add_argument("--stride", type=positive_int, help="sliding-window stride (default: the build's)")
+    ev.add_argument("--lora-order", choices=LORA_ORDERS,
+                    help="lora mode: phases on the stream's first documents (stream) or in the 2026-04-27 "
+                         "record's order (record: its number, but not causal; default: the build's)")
     ev.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; not the lora mode)")
     ev.add_argument("--max-val-tokens", type=positive_int, help="score only a prefix of the validation stream")
     ev.add_argument("--dump-nll", help="save the per-token NLL (nats, stream order) to this .npy file")
@@ -105,6 +108,8 @@ def run_eval(args, manifest, read_member):
     cfg = EvalConfig.from_dict(manifest["eval"])
     if args.stride is not None:
         cfg = dataclasses.replace(cfg, stride=args.stride)
+    if args.lora_order is not None:
+        cfg = dataclasses.replace(cfg, lora_order=args.lora_order)
     if args.compile:
         cfg = dataclasses.replace(cfg, compile=True)
     tokens, _, tables = load_validation(args.data, manifest, args.tokenizer, args.max_val_tokens, cfg.seq_len,
@@ -129,11 +134,14 @@ def run_eval(args, manifest, read_member):
         with atomic_path(args.dump_nll, "NLL dump") as tmp, open(tmp, "wb") as f:
             np.save(f, result.nll)  # a file object: given a name, np.save would append ".npy" to it
     summary = result.summary()
+    if args.mode == "lora":
+        summary["lora_order"] = cfg.lora_order
     reference = baselines(tokens, tables, vocab)
     if args.json:
         print(json.dumps({**summary, **reference}))
     else:
-        print(f"mode {summary['mode']}  val_loss {summary['val_loss']:.6f}  val_bpb {summary['val_bpb']:.6f}"
+        order = f" ({cfg.lora_order} order)" if args.mode == "lora" else ""
+        print(f"mode {summary['mode']}{order}  val_loss {summary['val_loss']:.6f}  val_bpb {summary['val_bpb']:.6f}"
               f"{describe_baselines(reference)}  tokens {summary['tokens']}  bytes {summary['bytes']}  "
               f"seconds {summary['seconds']:.1f}")
     return 0

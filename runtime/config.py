@@ -12,6 +12,8 @@ from .errors import PgError
 MODES = ("standard", "sliding", "ttt", "lora")
 """The evaluation modes, in the order the build measures and reports them (kept here, free of torch,
 so the artifact's `info` and argument parsing never import it)."""
+LORA_ORDERS = ("stream", "record")
+"""EvalConfig.lora_order's choices."""
 
 
 def require(condition, message):
@@ -235,6 +237,12 @@ class EvalConfig(ConfigBase):
     lora_phase_lr: float = 1e-3
     """Phased TTT: peak SGD learning rate of a phase, cosine-decayed over its ttt_chunk_tokens
     chunks (momentum ttt_momentum, clip ttt_grad_clip)."""
+    lora_order: str = "stream"
+    """Phased TTT: which documents a phase trains on. "stream": the stream's first ones, so no
+    score depends on later text (`pgbuild verify` passes). "record": the 2026-04-27 record's
+    schedule, to reproduce its number: batches by length, longest first, each phase on the first
+    documents of that order, as its global SGD (packed rows, the last chunk skipped); a phase then
+    trains on text that comes after documents it goes on to score: not causal (C1)."""
 
     def __post_init__(self):
         # A JSON manifest hands back lists and `--set` strings; store the betas as two floats.
@@ -242,6 +250,8 @@ class EvalConfig(ConfigBase):
         if len(betas) != 2:
             raise PgError(f"eval: lora_betas needs two values, got {self.lora_betas}")
         object.__setattr__(self, "lora_betas", betas)
+        if self.lora_order not in LORA_ORDERS:
+            raise PgError(f"eval: lora_order must be one of {', '.join(LORA_ORDERS)}, got {self.lora_order!r}")
         if min(self.seq_len, self.stride, self.batch_seqs, self.lora_chunk_tokens, self.lora_rank,
                self.lora_batch_docs, self.lora_group_rows) < 1 or self.lora_chunk_tokens > self.seq_len:
             raise PgError("eval: sizes must be positive and lora_chunk_tokens at most seq_len")

@@ -11,18 +11,19 @@ Phases: once the first b_k = lora_phase_docs * k / lora_phases documents are sco
 later one), the base weights take one SGD pass over those b_k documents (cumulative, so later
 phases revisit earlier text), in `ttt_chunk_tokens` chunks with a cosine learning rate.
 
-Two choices differ from the record, both to keep every score provably legal:
-- Scoring and training use two forwards, not one: the scoring forward runs under no_grad before
-  anything has trained on its tokens, which is exactly what `pgbuild verify` instruments (the
-  training forward costs about a third more compute).
-- Documents are batched in stream order, not longest first: a phase trains the base weights on
-  every document scored so far, and had those included documents that come later in the stream,
-  earlier scores would depend on later tokens (C1). Padding stays small either way, since all of
-  a batch's rows have the same width except those in their document's last chunk.
-- Every forward has the same number of rows (`lora_group_rows`, all-zero rows padding the last
-  group). When fewer documents run beside a document, its matrix products change shape and round
-  differently; later tokens decide how long later documents run, so with a varying row count they
-  moved earlier scores by up to 1e-5 nats, which `pgbuild verify` flags.
+Within a segment between phases, documents are batched longest first, as the record batches
+them, so a batch's rows run about equally long. Every row's result depends on its own document
+alone, so the order decides speed, never a score: the tests compare it bit for bit.
+
+One choice differs from the record, to keep every score provably legal: phases run on the
+stream's first documents, not the first of the longest-first order. A phase trains the base
+weights on every document scored so far; had those included documents that come later in the
+stream, earlier scores would depend on later tokens (C1).
+
+Every forward has the same number of rows (`lora_group_rows`, all-zero rows padding the last
+group) and is built for the backward whether or not any of its rows trains: a matrix product of
+another shape rounds differently, and which documents run beside a document depends on later
+tokens, which moved earlier scores by up to 1e-5 nats when the row count varied.
 """
 
 import math
@@ -108,6 +109,16 @@ def groups(items, size):
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def length_batches(docs, first, end, size):
+    """Documents first..end-1 (indices into `docs`) longest first (ties in stream order), cut into
+    batches of `size`: a batch's documents run about as many chunks as each other, so few rows
+    of its forwards pad. Where a document lands depends on later documents' lengths, and that
+    reaches none of its scores: those depend on its own tokens, its adapters (seeded by its
+    index) and the base weights, through forwards whose shape depends on the chunk alone."""
+    order = sorted(range(first, end), key=lambda i: (docs[i][0] - docs[i][1], i))
+    return groups(order, size)
+
+
 def window_batch(tokens, rows, num_rows, width, device):
     """(x, y) for windows [(start, chunk start, end)], right-padded to `width` and, with all-zero
     padding rows, to `num_rows`. Both are fixed by the configuration and the chunk index alone:
@@ -127,24 +138,33 @@ def select_rows(adapters, docs, num_rows, device):
     adapters.select(torch.tensor(list(docs) + [0] * (num_rows - len(docs)), device=device))
 
 
-def accumulate_adapter_grads(model, adapters, x, y, rows, device):
-    """Add the gradient of each row's mean NLL over its chunk (its last chunk end - chunk start
-    columns) to its document's adapters. Summing per-document means keeps the documents'
-    gradients apart; padding rows weigh nothing."""
-    with autocast(device):
+def chunk_step(model, adapters, x, y, rows, training, nll, on_score=None, on_train=None):
+    """One forward of a chunk's rows: each row's chunk is scored, then the rows in `training`
+    add the gradient of their chunk's mean NLL to their own document's adapters (the step comes
+    after every row of the chunk is scored). The forward always builds the graph, trained rows or
+    not, so its kernels, and so its rounding, never depend on which other documents still train."""
+    with torch.enable_grad(), autocast(x.device):
         losses = model(x, y, adapters=adapters)
+    for r, (start, chunk_start, end) in enumerate(rows):
+        nll[chunk_start:end] = losses[r, chunk_start - start:end - start].detach()
+        if on_score is not None:
+            on_score(chunk_start, end)
+    if not any(training):
+        return
+    # Summing per-document means keeps the documents' gradients apart; other rows weigh nothing.
     mask = torch.zeros_like(losses)
-    for j, (start, chunk_start, _) in enumerate(rows):
-        mask[j, chunk_start - start:] = 1
+    for r, ((start, chunk_start, end), trains) in enumerate(zip(rows, training)):
+        if trains:
+            mask[r, chunk_start - start:end - start] = 1
+            if on_train is not None:
+                on_train(start, end)
     ((losses * mask).sum(1) / mask.sum(1).clamp(min=1)).sum().backward()
 
 
-def adapt_batch(model, tokens, docs, first_doc, nll, cfg, device, on_score=None, on_train=None):
-    """Score `docs` (the stream's documents first_doc, first_doc+1, ...) chunk by chunk, each
-    document adapting its own LoRA after each chunk but its last. The documents still running
-    go through forwards of exactly `lora_group_rows` rows, in stream order, so a document's row
-    count and place in its forward depend on earlier documents only."""
-    doc_ids = range(first_doc, first_doc + len(docs))
+def adapt_batch(model, tokens, docs, doc_ids, nll, cfg, device, on_score=None, on_train=None):
+    """Score `docs` (the stream's documents `doc_ids`) chunk by chunk, each document adapting its
+    own LoRA after each chunk but its last. The documents still running go through forwards of
+    exactly `lora_group_rows` rows; a row's result depends on its own tokens only."""
     adapters = DocAdapters(model.cfg, len(model.cfg.layer_order(model.looping)), doc_ids, cfg).to(device)
     optimizer = torch.optim.AdamW(adapters.parameters(), lr=cfg.lora_lr, betas=cfg.lora_betas, eps=cfg.lora_eps,
                                   weight_decay=cfg.lora_weight_decay)
@@ -153,64 +173,130 @@ def adapt_batch(model, tokens, docs, first_doc, nll, cfg, device, on_score=None,
     for c in range(math.ceil(max(lengths) / chunk)):
         width = min((c + 1) * chunk, cfg.seq_len)
         active = [i for i, n in enumerate(lengths) if n > c * chunk]
-        windows = {i: chunk_window(docs[i], c, chunk, cfg.seq_len) for i in active}
-        for group in groups(active, num_rows):
-            rows = [windows[i] for i in group]
-            x, y = window_batch(tokens, rows, num_rows, width, device)
-            select_rows(adapters, group, num_rows, device)
-            with torch.no_grad(), autocast(device):
-                scores = model(x, y, adapters=adapters)
-            for r, (start, chunk_start, end) in enumerate(rows):
-                nll[chunk_start:end] = scores[r, chunk_start - start:end - start]
-                if on_score is not None:
-                    on_score(chunk_start, end)
-        # Documents still mid-way (their rows always full width) train on the chunk just scored.
-        training = [i for i in active if windows[i][2] < docs[i][1]]
-        if not training:
-            continue
         optimizer.zero_grad(set_to_none=True)
-        for group in groups(training, num_rows):
-            rows = [windows[i] for i in group]
-            if on_train is not None:
-                for start, _, end in rows:
-                    on_train(start, end)
+        trained = False
+        for group in groups(active, num_rows):
+            rows = [chunk_window(docs[i], c, chunk, cfg.seq_len) for i in group]
+            training = [end < docs[i][1] for i, (_, _, end) in zip(group, rows)]  # not its last chunk
             x, y = window_batch(tokens, rows, num_rows, width, device)
             select_rows(adapters, group, num_rows, device)
-            accumulate_adapter_grads(model, adapters, x, y, rows, device)
-        optimizer.step()
+            chunk_step(model, adapters, x, y, rows, training, nll, on_score, on_train)
+            trained |= any(training)
+        if trained:
+            optimizer.step()
 
 
-def train_base(model, tokens, end, cfg, ranks, device, on_train=None):
-    """One phase: an SGD pass over positions [0, end) (already scored), cosine over chunks."""
-    params = list(model.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.SGD(params, lr=cfg.lora_phase_lr, momentum=cfg.ttt_momentum)
-    chunk = cfg.ttt_chunk_tokens
+def stream_schedule(docs, cfg):
+    """[(batches, documents the phase after them trains on, or None)]: the segments between
+    phase_ends in stream order, each segment's batches longest first; a phase trains on every
+    document before its end."""
+    ends = phase_ends(cfg, len(docs))
+    return [(length_batches(docs, first, end, cfg.lora_batch_docs), list(range(end)) if end in ends else None)
+            for first, end in zip([0] + ends, ends + [len(docs)])]
+
+
+def record_schedule(docs, cfg):
+    """The 2026-04-27 record's schedule, as one of its processes runs it: the documents sorted
+    by length are cut into batches, taken longest batch first. Once a batch brings the scored
+    count to the next boundary (min(lora_phase_docs, documents) * k / lora_phases, at most one a
+    batch), a phase trains on that many scored documents, the first by (batch in length order,
+    place in its batch). Same return as stream_schedule."""
+    lengths = [end - first for first, end in docs]
+    batches = groups(sorted(range(len(docs)), key=lengths.__getitem__), cfg.lora_batch_docs)
+    queue = sorted(range(len(batches)), key=lambda b: -max(lengths[i] for i in batches[b]))
+    limit = min(len(docs), cfg.lora_phase_docs) if cfg.lora_phases > 0 else 0
+    bounds = [limit * k // cfg.lora_phases for k in range(1, cfg.lora_phases + 1)] if limit else []
+    segments, current, scored = [], [], []
+    for b in queue:
+        current.append(batches[b])
+        if len(segments) < len(bounds):
+            scored += [(b, place, i) for place, i in enumerate(batches[b])]
+            if len(scored) >= bounds[len(segments)]:
+                segments.append((current, [i for *_, i in sorted(scored)[:bounds[len(segments)]]]))
+                current = []
+    return segments + [(current, None)]
+
+
+def base_weights_training(model, cfg):
+    """The SGD optimizer of a phase, over every base weight (trainable for its duration)."""
+    model.requires_grad_(True)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lora_phase_lr, momentum=cfg.ttt_momentum)
+
+
+def train_prefix(model, tokens, docs, phase_docs, cfg, ranks, device, on_train=None):
+    """A stream-order phase: one SGD pass over positions [0, end of the phase's last document),
+    all scored, in ttt_chunk_tokens chunks with a cosine learning rate."""
+    optimizer = base_weights_training(model, cfg)
+    end, chunk = docs[phase_docs[-1]][1], cfg.ttt_chunk_tokens
     num_chunks = math.ceil(end / chunk)
     for c in range(num_chunks):
         train_on_positions(model, optimizer, tokens, c * chunk, min((c + 1) * chunk, end), cfg,
                            cosine_lr(cfg.lora_phase_lr, c, num_chunks), 1, ranks, device, on_train)
-    for p in params:
-        p.requires_grad_(False)
+    model.requires_grad_(False)
+
+
+def train_packed(model, tokens, docs, phase_docs, cfg, ranks, device, on_train=None):
+    """A phase as the record's global SGD runs it: the phase's documents (each with the BOS that
+    ends it) concatenated and cut into ttt_chunk_tokens chunks, the last one skipped, the learning
+    rate cosine over chunks. A step takes ttt_batch_seqs seq_len windows of a chunk (a chunk's
+    ragged end is dropped) as one packed row, documents cut every seq_len tokens, mean NLL, clip,
+    SGD with momentum. The ranks split each chunk's windows into contiguous shares and average
+    their gradients, as the record's processes do."""
+    if on_train is not None:
+        for i in phase_docs:
+            on_train(*docs[i])
+    stream = torch.cat([tokens[first:end + 1] for first, end in (docs[i] for i in phase_docs)]).long()
+    optimizer = base_weights_training(model, cfg)
+    params = list(model.parameters())
+    chunk, seq_len, step_seqs = cfg.ttt_chunk_tokens, cfg.seq_len, cfg.ttt_batch_seqs
+    num_chunks = math.ceil((len(stream) - 1) / chunk)
+    model.train()
+    for c in range(num_chunks - 1):
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(cfg.lora_phase_lr, c, num_chunks)
+        seqs = chunk // seq_len
+        mine = range(seqs * ranks.rank // ranks.world, seqs * (ranks.rank + 1) // ranks.world)
+        # Every rank takes as many steps as the largest share needs, to meet in each all-reduce.
+        for s in range(0, math.ceil(seqs / ranks.world), step_seqs):
+            optimizer.zero_grad(set_to_none=False)
+            rows = mine[s:s + step_seqs]
+            if rows:
+                a, b = c * chunk + rows[0] * seq_len, c * chunk + (rows[-1] + 1) * seq_len
+                with autocast(device):
+                    loss = model(stream[None, a:b].to(device), stream[None, a + 1:b + 1].to(device), mean=True,
+                                 max_doc_len=seq_len)
+                loss.backward()
+            if ranks.active:
+                flat = ranks.sum_(torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten()
+                                             for p in params])) / ranks.world
+                offset = 0
+                for p in params:
+                    p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+                    offset += p.numel()
+            torch.nn.utils.clip_grad_norm_(params, cfg.ttt_grad_clip)
+            optimizer.step()
+    model.eval()
+    model.requires_grad_(False)
+
+
+SCHEDULES = {"stream": (stream_schedule, train_prefix), "record": (record_schedule, train_packed)}
+"""lora_order: (the batches and phases, how a phase trains the base weights)."""
 
 
 def lora_ttt(model, tokens, nll, cfg, ranks, device, on_score=None, on_train=None):
-    """Write every position's NLL into `nll`. Phase boundaries cut the documents into segments;
-    each segment's batches are shared among the ranks, and all ranks meet for the phase after it.
-    A batch never straddles a boundary, so every document sees the same base weights, batch and
+    """Write every position's NLL into `nll`. Phases cut the batches into segments; each
+    segment's batches are shared among the ranks, and all ranks meet for the phase after it. A
+    batch never straddles a phase, so every document sees the same base weights, batch and
     adapter init whatever the number of ranks: N processes agree with one."""
     docs = documents(tokens, model.cfg.bos_id)
-    ends = phase_ends(cfg, len(docs))
+    schedule, train_phase = SCHEDULES[cfg.lora_order]
     trainable = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)  # adapter steps leave the base weights alone
     model.eval()
-    for first, end in zip([0] + ends, ends + [len(docs)]):
-        batches = range(first, end, cfg.lora_batch_docs)
-        for start in ranks.share(batches):
-            stop = min(start + cfg.lora_batch_docs, end)
-            adapt_batch(model, tokens, docs[start:stop], start, nll, cfg, device, on_score, on_train)
-        if end in ends:
-            train_base(model, tokens, docs[end - 1][1], cfg, ranks, device, on_train)
+    for batches, phase_docs in schedule(docs, cfg):
+        for batch in batches[ranks.rank::ranks.world]:
+            adapt_batch(model, tokens, [docs[i] for i in batch], batch, nll, cfg, device, on_score, on_train)
+        if phase_docs:
+            train_phase(model, tokens, docs, phase_docs, cfg, ranks, device, on_train)
     for p, flag in zip(model.parameters(), trainable):
         p.requires_grad_(flag)

@@ -46,9 +46,14 @@ class Documents:
     Attention given one never crosses a start, so no document reads another, whatever the rows
     hold. Built once per forward; each attention backend asks for the form it needs, once."""
 
-    def __init__(self, ids, bos_id):
+    def __init__(self, ids, bos_id, max_len=0):
+        """`max_len` > 0 also cuts a document every max_len tokens from its start, as the
+        records cut documents in their packed rows (one flat row of many seq_len windows)."""
         starts = ids == bos_id
         starts[:, 0] = True
+        if max_len:
+            at = torch.arange(ids.size(1), device=ids.device).expand_as(ids)
+            starts = (at - torch.where(starts, at, 0).cummax(1).values) % max_len == 0
         self.starts = starts
         self._mask = self._segments = None
 
@@ -332,7 +337,7 @@ class GPT(nn.Module):
                 # never get a gradient; an orthogonal projection of any width lets the table learn.
                 nn.init.orthogonal_(p)
 
-    def forward(self, ids, targets=None, adapters=None, mean=False):
+    def forward(self, ids, targets=None, adapters=None, mean=False, max_doc_len=0):
         """Softcapped logits (B, T, vocab) for token ids (B, T); with `targets`, the per-token
         negative log-likelihood in nats (B, T) from a full softmax over the vocabulary, or with
         `mean` its mean as cross_entropy reduces it (training: the records' exact loss and gradient).
@@ -340,10 +345,13 @@ class GPT(nn.Module):
         `adapters` (LoRA test-time training, runtime/lora_ttt.py) adds low-rank deltas through
         this same forward: `adapters.layers[i]` is given to the i-th virtual layer's block and
         `adapters.head` adds to the logits before the softcap. One forward for every use means
-        no hand-copied TTT forward can drift from the model (a record lost 0.8 bpb that way)."""
+        no hand-copied TTT forward can drift from the model (a record lost 0.8 bpb that way).
+
+        `max_doc_len` > 0 masks attention at documents, doc_mask or not, and also cuts each one
+        every max_doc_len tokens (Documents): rows that pack many windows, as the records'."""
         if self.cfg.record_precision and not torch.is_autocast_enabled(ids.device.type):
             with torch.autocast(ids.device.type, torch.bfloat16):  # the record's linears cast to bf16
-                return self.forward(ids, targets, adapters, mean)
+                return self.forward(ids, targets, adapters, mean, max_doc_len)
         x = self.tok_emb(ids)
         if self.bigram_emb is not None:
             x = x + self.bigram_emb(bigram_hash(ids, self.cfg.bigram_buckets))
@@ -351,7 +359,7 @@ class GPT(nn.Module):
             x = self.smear(x, ids)
         x = x0 = rms_norm(x)
         ve = None if self.value_emb is None else self.value_emb(ids)
-        docs = Documents(ids, self.cfg.bos_id) if self.cfg.doc_mask else None
+        docs = Documents(ids, self.cfg.bos_id, max_doc_len) if self.cfg.doc_mask or max_doc_len else None
         order = self.cfg.layer_order(self.looping)
         num_encoder = len(order) // 2
         skips = []

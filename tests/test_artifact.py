@@ -62,6 +62,16 @@ def test_eval_estimates_its_time_from_the_first_batch(workdir, clean_env, demo_d
     assert 0 < float(estimate.group(2)) < result["seconds"]
 
 
+def test_lora_order_is_the_builds_unless_asked(workdir, clean_env, demo_data):
+    """`--lora-order record` reaches the schedule and the result says which ran. On the demo's
+    first 2,000 tokens both orders score the same: no phase trains (the record's global SGD skips
+    its last ttt_chunk_tokens chunk, here its only one), and the batch order decides no score."""
+    runs = {order: eval_json(workdir, clean_env, demo_data, "--mode", "lora", "--max-val-tokens", 2000,
+                             *(["--lora-order", order] if order else [])) for order in ("", "record")}
+    assert runs[""]["lora_order"] == "stream" and runs["record"]["lora_order"] == "record"
+    assert runs[""]["val_bpb"] == runs["record"]["val_bpb"]
+
+
 def unigram_bpb(layout, sp_vocab, val_tokens, tables):
     """bpb of an add-one unigram model fitted on the training shards: the bar to clear."""
     train = load_tokens(layout, "train")
@@ -303,6 +313,7 @@ REFUSALS = {
     "max-val-tokens 0": lambda tmp, data: ["--max-val-tokens", "0"],
     "max-val-tokens negative": lambda tmp, data: ["--max-val-tokens", "-5"],
     "stride 0": lambda tmp, data: ["--mode", "sliding", "--stride", "0"],
+    "lora-order bogus": lambda tmp, data: ["--mode", "lora", "--lora-order", "longest"],
     "device bogus": lambda tmp, data: ["--device", "bogus"],
     "dump-nll into a missing dir": lambda tmp, data: ["--dump-nll", tmp / "missing" / "nll.npy"],
     "dump-nll into a directory": lambda tmp, data: ["--dump-nll", tmp],

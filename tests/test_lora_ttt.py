@@ -8,10 +8,11 @@ import pytest
 import torch
 from conftest import nll_on_gloo_ranks
 
+from runtime import lora_ttt
 from runtime.config import EvalConfig
 from runtime.data import load_tokens
 from runtime.evaluate import evaluate, trim_stream
-from runtime.lora_ttt import DocAdapters, documents, phase_ends
+from runtime.lora_ttt import DocAdapters, documents, length_batches, phase_ends, record_schedule
 
 CPU = torch.device("cpu")
 # Two batches of three documents, a phase after each: every mechanism runs on 850 tokens.
@@ -100,6 +101,37 @@ def test_causality_with_phases(setup):
     assert np.array_equal(a[:t], b[:t]) and np.abs(a[t + 1:] - b[t + 1:]).mean() > 0.1
 
 
+def test_the_records_order_lets_later_text_move_earlier_scores(setup):
+    """lora_order=record: its first phase trains on documents that come after one it scores next,
+    so rewriting such a later document moves that earlier document's scores, which stream order
+    never allows. This is the C1 failure `pgbuild verify` reports for the record's order."""
+    model, tokens, tables = setup
+    docs = documents(tokens, model.cfg.bos_id)
+    record = dataclasses.replace(CFG, lora_order="record")
+    (_, phase), *after = record_schedule(docs, record)
+    later = max(phase)
+    earlier = min(i for batches, _ in after for batch in batches for i in batch)
+    assert earlier < later  # measured: the phase holds documents 2, 5 and 3; document 1 is scored after it
+    first, end = docs[later]
+    changed = tokens.copy()  # the later document rewritten, its BOS and length kept
+    changed[first + 1:end] = np.random.default_rng(2).integers(4, 1024, size=end - first - 1)
+    scope = slice(*docs[earlier])
+    for cfg, moves in ((record, True), (CFG, False)):
+        a, b = run(model, tokens, tables, cfg).nll[scope], run(model, changed, tables, cfg).nll[scope]
+        assert (not np.array_equal(a, b)) == moves
+
+
+def test_the_records_schedule():
+    """Batches of the length-sorted documents, longest batch first; a phase once the scored
+    count reaches min(lora_phase_docs, documents) * k / lora_phases, on that many documents
+    ordered by (batch in length order, place): the longest document is never trained on here,
+    and the second phase drops two of the first one's documents for the short batch's."""
+    docs = [(0, 50), (50, 60), (60, 200), (200, 230), (230, 240), (240, 400), (400, 470)]
+    cfg = dataclasses.replace(CFG, lora_batch_docs=3, lora_phase_docs=4, lora_phases=2, lora_order="record")
+    # Lengths 50, 10, 140, 30, 10, 160, 70: sorted 1, 4, 3 | 0, 6, 2 | 5.
+    assert record_schedule(docs, cfg) == [([[5], [0, 6, 2]], [0, 6]), ([[1, 4, 3]], [1, 4, 3, 0]), ([], None)]
+
+
 def test_documents_in_a_batch_do_not_touch_each_other(setup):
     model, tokens, tables = setup
     docs = documents(tokens, model.cfg.bos_id)
@@ -110,6 +142,22 @@ def test_documents_in_a_batch_do_not_touch_each_other(setup):
     a, b = run(model, tokens, tables, cfg).nll, run(model, changed, tables, cfg).nll
     for i in (0, 2):
         assert np.array_equal(a[slice(*docs[i])], b[slice(*docs[i])])
+
+
+def test_batches_run_longest_first_within_each_segment():
+    docs = [(0, 5), (5, 50), (50, 60), (60, 100), (100, 101)]
+    assert length_batches(docs, 0, 5, 2) == [[1, 3], [2, 0], [4]]
+    assert length_batches(docs, 2, 5, 2) == [[3, 2], [4]]
+
+
+def test_the_batch_order_decides_no_score(setup, monkeypatch):
+    """Longest-first batches against batches in stream order: every position's NLL bit for bit
+    (documents 0, 2, 1 share the first batch instead of 0, 1, 2; phases as before)."""
+    model, tokens, tables = setup
+    longest_first = run(model, tokens, tables).nll
+    monkeypatch.setattr(lora_ttt, "length_batches",
+                        lambda docs, first, end, size: lora_ttt.groups(list(range(first, end)), size))
+    assert np.array_equal(run(model, tokens, tables).nll, longest_first)
 
 
 def test_adaptation_lowers_the_loss(setup):

@@ -235,6 +235,23 @@ def test_variable_length_attention_gets_each_documents_segment(monkeypatch):
     assert torch.allclose(runtime_model.causal_attention(q, k, v, docs), masked, atol=1e-6)
 
 
+def test_packed_rows_cut_documents_every_max_len_tokens():
+    """Documents(max_len): starts at the row's start, each BOS and every max_len tokens after a
+    start, as the records pack many windows into one row; a model forward with max_doc_len masks
+    attention there even without doc_mask. (SmearGate still reads the token before a cut that is
+    no BOS, as the records' does in their packed rows.)"""
+    from runtime.model import Documents
+
+    ids = torch.tensor([[5, 1, 6, 7, 8, 9, 1, 2, 3, 4, 5, 6, 7]])
+    starts = Documents(ids, bos_id=1, max_len=3).starts[0].nonzero().flatten().tolist()
+    assert starts == [0, 1, 4, 6, 9, 12]
+    model = tiny_model(**{**SWITCHES["all"], "bigram_buckets": 0, "smear_gate": False, "doc_mask": False})
+    row = token_ids(1, 40)  # documents start at 0, 8, 16, 24, 32: pieces of 4 tokens
+    with torch.no_grad():
+        alone = torch.cat([model(row[:, a:a + 4]) for a in range(0, 40, 4)], 1)
+        assert torch.allclose(model(row, max_doc_len=4), alone, atol=1e-5)
+
+
 def test_two_lane_decoder_form_and_validation():
     model = tiny_model(**SWITCHES["two_lanes"])
     assert [b.lane_post is not None for b in model.blocks] == [False, False, False, True]
