@@ -241,8 +241,10 @@ class EvalConfig(ConfigBase):
     """Phased TTT: which documents a phase trains on. "stream": the stream's first ones, so no
     score depends on later text (`pgbuild verify` passes). "record": the 2026-04-27 record's
     schedule, to reproduce its number: batches by length, longest first, each phase on the first
-    documents of that order, as its global SGD (packed rows, the last chunk skipped); a phase then
-    trains on text that comes after documents it goes on to score: not causal (C1)."""
+    documents of that order, as its global SGD (packed rows, the last chunk skipped), and full
+    batches keep their adapters' A from one batch to the next until a phase (its warm start). A
+    phase then trains on text that comes after documents it goes on to score, and a warm A on
+    documents scored before: neither causal (C1) nor document-independent."""
 
     def __post_init__(self):
         # A JSON manifest hands back lists and `--set` strings; store the betas as two floats.

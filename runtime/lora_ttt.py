@@ -15,10 +15,13 @@ Within a segment between phases, documents are batched longest first, as the rec
 them, so a batch's rows run about equally long. Every row's result depends on its own document
 alone, so the order decides speed, never a score: the tests compare it bit for bit.
 
-One choice differs from the record, to keep every score provably legal: phases run on the
-stream's first documents, not the first of the longest-first order. A phase trains the base
+Two choices differ from the record, to keep every score provably legal: phases run on the
+stream's first documents, not the first of the longest-first order (a phase trains the base
 weights on every document scored so far; had those included documents that come later in the
-stream, earlier scores would depend on later tokens (C1).
+stream, earlier scores would depend on later tokens: C1), and every batch starts from fresh
+adapters, where the record keeps A from one batch to the next (so a document's score would
+depend on the documents batched before it, later ones among them). `lora_order="record"` runs
+the record's schedule, warm A included, to reproduce its number.
 
 Every forward has the same number of rows (`lora_group_rows`, all-zero rows padding the last
 group) and is built for the backward whether or not any of its rows trains: a matrix product of
@@ -72,6 +75,13 @@ class DocAdapters(nn.Module):
                                                        mlp=lora(d, d)))
                                     for _ in range(virtual_layers))
         self.head = lora(d, model_cfg.vocab_size)
+
+    def clear_deltas(self):
+        """B = 0 everywhere, A kept: the record's reset between batches (TTT_WARM_START_A)."""
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, LoRA):
+                    module.b.zero_()
 
     def select(self, rows):
         """Which document (index in this batch) each row of the next forward belongs to."""
@@ -161,11 +171,16 @@ def chunk_step(model, adapters, x, y, rows, training, nll, on_score=None, on_tra
     ((losses * mask).sum(1) / mask.sum(1).clamp(min=1)).sum().backward()
 
 
-def adapt_batch(model, tokens, docs, doc_ids, nll, cfg, device, on_score=None, on_train=None):
-    """Score `docs` (the stream's documents `doc_ids`) chunk by chunk, each document adapting its
-    own LoRA after each chunk but its last. The documents still running go through forwards of
-    exactly `lora_group_rows` rows; a row's result depends on its own tokens only."""
-    adapters = DocAdapters(model.cfg, len(model.cfg.layer_order(model.looping)), doc_ids, cfg).to(device)
+def fresh_adapters(model, doc_ids, cfg, device):
+    """Adapters for the documents `doc_ids` (their indices in the stream seed each one's A)."""
+    return DocAdapters(model.cfg, len(model.cfg.layer_order(model.looping)), doc_ids, cfg).to(device)
+
+
+def adapt_batch(model, tokens, docs, adapters, nll, cfg, device, on_score=None, on_train=None):
+    """Score `docs` chunk by chunk, each document adapting its own LoRA (row i of `adapters` for
+    docs[i]) after each chunk but its last, from a fresh optimizer. The documents still running
+    go through forwards of exactly `lora_group_rows` rows; a row's result depends on its own
+    tokens and adapters only."""
     optimizer = torch.optim.AdamW(adapters.parameters(), lr=cfg.lora_lr, betas=cfg.lora_betas, eps=cfg.lora_eps,
                                   weight_decay=cfg.lora_weight_decay)
     chunk, lengths = cfg.lora_chunk_tokens, [end - first for first, end in docs]
@@ -294,8 +309,19 @@ def lora_ttt(model, tokens, nll, cfg, ranks, device, on_score=None, on_train=Non
     model.requires_grad_(False)  # adapter steps leave the base weights alone
     model.eval()
     for batches, phase_docs in schedule(docs, cfg):
+        warm = None
         for batch in batches[ranks.rank::ranks.world]:
-            adapt_batch(model, tokens, [docs[i] for i in batch], batch, nll, cfg, device, on_score, on_train)
+            if cfg.lora_order == "record" and len(batch) == cfg.lora_batch_docs:
+                # The record keeps one set of adapters for its full batches until the next phase,
+                # clearing B but keeping A, trained further by each batch (TTT_WARM_START_A=1).
+                if warm is None:
+                    warm = fresh_adapters(model, batch, cfg, device)
+                else:
+                    warm.clear_deltas()
+                adapters = warm
+            else:
+                adapters = fresh_adapters(model, batch, cfg, device)
+            adapt_batch(model, tokens, [docs[i] for i in batch], adapters, nll, cfg, device, on_score, on_train)
         if phase_docs:
             train_phase(model, tokens, docs, phase_docs, cfg, ranks, device, on_train)
     for p, flag in zip(model.parameters(), trainable):

@@ -294,7 +294,8 @@ def test_phased_lora_ttt_in_the_records_order_matches_the_record(ref, setup, mon
     """eval.lora_order=record against the record's eval_val_ttt_phased with its phases on: ten
     documents (BOS written into the validation prefix), batches of three taken longest first,
     phases after 3 and 6 scored documents, each a global SGD over packed 256-token rows in which
-    documents cross the 128-token windows. Adapters start from the same init in both."""
+    documents cross the 128-token windows; the last two full batches share their A (the record's
+    warm start). Adapters start from the same init in both."""
     h, val, model = setup
     cuts = np.cumsum([0, 300, 90, 500, 200, 60, 700, 150, 410, 1000, 400])
     tokens, sidecar = val.val_tokens.numpy().copy(), val.val_bytes.numpy().copy()
@@ -314,22 +315,28 @@ def test_phased_lora_ttt_in_the_records_order_matches_the_record(ref, setup, mon
              ref._build_ttt_global_batches(list(enumerate(ref._find_docs(phased.val_tokens))), h)]
     assert [len(b) for b in queue] == [1, 3, 3, 3, 3]  # the longest document is alone: a short batch first
 
+    assert ref.BatchedLinearLoRA._WARM_START_A  # its default: full batches keep A until a phase
+    upcoming = list(queue)
+
     class SameInit(ref.BatchedTTTLoRA):
-        """The record's adapters, each batch starting from the A pgbuild gives its documents.
-        The record resets its reusable adapters for a full batch and builds new ones for a short
-        one; its other builds (at the start, after each phase) are reset before any use."""
+        """The record's adapters, starting from the A that pgbuild gives the same batch. The
+        record builds new adapters for a short batch, and for its full batches one set at the
+        start and after each phase, which each full batch resets (B = 0, A kept); pgbuild seeds
+        that set with the first full batch it serves."""
 
         def __init__(self, bsz, model, rank, **kwargs):
             super().__init__(bsz, model, rank, **kwargs)
-            if bsz != h.ttt_batch_size:
-                self.take_next_batch()
+            if bsz == h.ttt_batch_size:
+                self.start_as(next((b for b in upcoming if len(b) == bsz), upcoming[0]))
+            else:
+                self.start_as(upcoming.pop(0))
 
         def reset(self):
             super().reset()
-            self.take_next_batch()
+            upcoming.pop(0)
 
-        def take_next_batch(self):
-            ours = DocAdapters(MODEL, len(MODEL.layer_order(True)), queue.pop(0), cfg)
+        def start_as(self, doc_ids):
+            ours = DocAdapters(MODEL, len(MODEL.layer_order(True)), doc_ids, cfg)
             pairs = [(ours.head, self.lm_head_lora)] + [
                 (ours.layers[slot][name], getattr(self, f"{name}_loras")[slot])
                 for slot in range(len(ours.layers)) for name in ("q", "k", "v", "o", "mlp")]
@@ -342,7 +349,7 @@ def test_phased_lora_ttt_in_the_records_order_matches_the_record(ref, setup, mon
     for block in record.blocks:
         block.mlp.use_fused = False  # its phases train: the Triton MLP's eager path
     theirs = ref.eval_val_ttt_phased(h, record, torch.device("cpu"), phased, record.forward_ttt)[1]
-    assert not queue
+    assert not upcoming
     counts = SidecarBytes(sidecar)
     ours = evaluate(pgbuild_model(setup), tokens, counts, cfg, "lora", torch.device("cpu")).val_bpb
     unphased = evaluate(pgbuild_model(setup), tokens, counts, dataclasses.replace(cfg, lora_phases=0), "lora",
