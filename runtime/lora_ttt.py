@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .precision import autocast
-from .ttt import cosine_lr, train_on_positions
+from .ttt import cosine_lr, sum_grads, train_on_positions
 
 
 class LoRA(nn.Module):
@@ -263,6 +263,8 @@ def train_packed(model, tokens, docs, phase_docs, cfg, ranks, device, on_train=N
     stream = torch.cat([tokens[first:end + 1] for first, end in (docs[i] for i in phase_docs)]).long()
     optimizer = base_weights_training(model, cfg)
     params = list(model.parameters())
+    for p in params:  # a rank with no rows in a step still joins the all-reduce
+        p.grad = torch.zeros_like(p)
     chunk, seq_len, step_seqs = cfg.ttt_chunk_tokens, cfg.seq_len, cfg.ttt_batch_seqs
     num_chunks = math.ceil((len(stream) - 1) / chunk)
     model.train()
@@ -281,13 +283,9 @@ def train_packed(model, tokens, docs, phase_docs, cfg, ranks, device, on_train=N
                     loss = model(stream[None, a:b].to(device), stream[None, a + 1:b + 1].to(device), mean=True,
                                  max_doc_len=seq_len)
                 loss.backward()
-            if ranks.active:
-                flat = ranks.sum_(torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros_like(p).flatten()
-                                             for p in params])) / ranks.world
-                offset = 0
-                for p in params:
-                    p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
-                    offset += p.numel()
+            sum_grads(params, ranks)
+            for p in params:
+                p.grad.div_(ranks.world)
             torch.nn.utils.clip_grad_norm_(params, cfg.ttt_grad_clip)
             optimizer.step()
     model.eval()
@@ -301,8 +299,9 @@ SCHEDULES = {"stream": (stream_schedule, train_prefix), "record": (record_schedu
 def lora_ttt(model, tokens, nll, cfg, ranks, device, on_score=None, on_train=None):
     """Write every position's NLL into `nll`. Phases cut the batches into segments; each
     segment's batches are shared among the ranks, and all ranks meet for the phase after it. A
-    batch never straddles a phase, so every document sees the same base weights, batch and
-    adapter init whatever the number of ranks: N processes agree with one."""
+    batch never straddles a phase, so in stream order every document sees the same base weights
+    and adapter init whatever the number of ranks: N processes agree with one. In the record's
+    order each rank warms its own A over the batches it takes, as the record's processes do."""
     docs = documents(tokens, model.cfg.bos_id)
     schedule, train_phase = SCHEDULES[cfg.lora_order]
     trainable = [p.requires_grad for p in model.parameters()]

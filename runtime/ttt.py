@@ -24,6 +24,17 @@ def equal_length_runs(seqs):
     return [list(run) for _, run in itertools.groupby(seqs, key=lambda s: s[1] - s[0])]
 
 
+def sum_grads(params, ranks):
+    """All-reduce every gradient in one call: each rank ends with the sum over the ranks."""
+    if not ranks.active:
+        return
+    flat = ranks.sum_(torch.cat([p.grad.flatten() for p in params]))
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
 def train_on_positions(model, optimizer, tokens, start, end, cfg, lr, epochs, ranks, device, on_train=None):
     """`epochs` SGD passes over positions [start, end), already scored.
 
@@ -52,13 +63,8 @@ def train_on_positions(model, optimizer, tokens, start, end, cfg, lr, epochs, ra
                 with autocast(device):
                     loss = model(x, y).sum() / total_tokens
                 loss.backward()
-            if ranks.active:
-                # Summing per-token-normalized grads across ranks equals one process's batch gradient.
-                flat = ranks.sum_(torch.cat([p.grad.flatten() for p in params]))
-                offset = 0
-                for p in params:
-                    p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-                    offset += p.numel()
+            # Summing per-token-normalized grads across ranks equals one process's batch gradient.
+            sum_grads(params, ranks)
             torch.nn.utils.clip_grad_norm_(params, cfg.ttt_grad_clip)
             optimizer.step()
     model.eval()

@@ -189,3 +189,17 @@ def test_two_gloo_processes_agree_with_one(setup, tmp_path):
     # the mean moves by 1.5e-7).
     np.testing.assert_allclose(two, single.nll, rtol=0, atol=1e-3)
     assert abs(float(two.astype(np.float64).mean()) - float(single.nll.astype(np.float64).mean())) < 1e-6
+
+
+def test_the_records_order_on_two_gloo_processes(setup, tmp_path):
+    """lora_order=record on two ranks: they take turns at the batches and split each phase's
+    packed rows, meeting in every all-reduce (a rank with fewer rows joins with zero gradients).
+    As in the record's own runs, the number of processes changes the result a little (each rank
+    warms its own A, and a packed row is cut where the ranks' shares meet)."""
+    model, tokens, tables = setup
+    cfg = dataclasses.replace(CFG, lora_order="record", ttt_chunk_tokens=192, ttt_batch_seqs=1)
+    two = nll_on_gloo_ranks(model, tokens, tables, cfg, "lora", tmp_path)
+    single = run(model, tokens, tables, cfg).nll
+    assert np.isfinite(two).all() and two.shape == single.shape
+    assert abs(float(two.astype(np.float64).mean()) - float(single.astype(np.float64).mean())) < 0.05
+
