@@ -252,6 +252,17 @@ def test_standard_bpb_matches_the_record(ref, setup, caseops_data):
 LORA = dict(rank=4, chunk=48, lr=1e-4)  # the record's chunk and LR (its rank is 80)
 
 
+def start_as_pgbuild(record_adapters, doc_ids, cfg):
+    """Give the record's BatchedTTTLoRA the A that pgbuild's adapters give these documents."""
+    ours = DocAdapters(MODEL, len(MODEL.layer_order(True)), doc_ids, cfg)
+    pairs = [(ours.head, record_adapters.lm_head_lora)] + [
+        (ours.layers[slot][name], getattr(record_adapters, f"{name}_loras")[slot])
+        for slot in range(len(ours.layers)) for name in ("q", "k", "v", "o", "mlp")]
+    with torch.no_grad():
+        for mine, record in pairs:
+            record.A.copy_(mine.a.transpose(1, 2))
+
+
 def test_lora_ttt_bpb_matches_the_record(ref, setup, caseops_data, monkeypatch):
     """The record's per-document LoRA TTT (eval_val_ttt_phased without a phase: all documents of
     the prefix in one batch) against pgbuild's lora mode, from the same adapter init."""
@@ -273,13 +284,7 @@ def test_lora_ttt_bpb_matches_the_record(ref, setup, caseops_data, monkeypatch):
         def __init__(self, bsz, model, rank, **kwargs):
             super().__init__(bsz, model, rank, **kwargs)
             if bsz == len(docs):
-                ours = DocAdapters(MODEL, len(MODEL.layer_order(True)), in_batch_order, cfg)
-                pairs = [(ours.head, self.lm_head_lora)] + [
-                    (ours.layers[slot][name], getattr(self, f"{name}_loras")[slot])
-                    for slot in range(len(ours.layers)) for name in ("q", "k", "v", "o", "mlp")]
-                with torch.no_grad():
-                    for mine, record in pairs:
-                        record.A.copy_(mine.a.transpose(1, 2))
+                start_as_pgbuild(self, in_batch_order, cfg)
 
     monkeypatch.setattr(ref, "BatchedTTTLoRA", SameInit)
     counts = SidecarBytes(load_tokens(find_data(str(caseops_data), 1024), "val_bytes", len(tokens)))
@@ -291,7 +296,7 @@ def test_lora_ttt_bpb_matches_the_record(ref, setup, caseops_data, monkeypatch):
 
 
 def test_phased_lora_ttt_in_the_records_order_matches_the_record(ref, setup, monkeypatch):
-    """eval.lora_order=record against the record's eval_val_ttt_phased with its phases on: ten
+    """eval.lora_order=record against the record's eval_val_ttt_phased with its phases on: 13
     documents (BOS written into the validation prefix), batches of three taken longest first,
     phases after 3 and 6 scored documents, each a global SGD over packed 256-token rows in which
     documents cross the 128-token windows; the last two full batches share their A (the record's
@@ -327,22 +332,13 @@ def test_phased_lora_ttt_in_the_records_order_matches_the_record(ref, setup, mon
         def __init__(self, bsz, model, rank, **kwargs):
             super().__init__(bsz, model, rank, **kwargs)
             if bsz == h.ttt_batch_size:
-                self.start_as(next((b for b in upcoming if len(b) == bsz), upcoming[0]))
+                start_as_pgbuild(self, next((b for b in upcoming if len(b) == bsz), upcoming[0]), cfg)
             else:
-                self.start_as(upcoming.pop(0))
+                start_as_pgbuild(self, upcoming.pop(0), cfg)
 
         def reset(self):
             super().reset()
             upcoming.pop(0)
-
-        def start_as(self, doc_ids):
-            ours = DocAdapters(MODEL, len(MODEL.layer_order(True)), doc_ids, cfg)
-            pairs = [(ours.head, self.lm_head_lora)] + [
-                (ours.layers[slot][name], getattr(self, f"{name}_loras")[slot])
-                for slot in range(len(ours.layers)) for name in ("q", "k", "v", "o", "mlp")]
-            with torch.no_grad():
-                for mine, record in pairs:
-                    record.A.copy_(mine.a.transpose(1, 2))
 
     monkeypatch.setattr(ref, "BatchedTTTLoRA", SameInit)
     record = copy.deepcopy(model)
