@@ -23,10 +23,14 @@ adapters, where the record keeps A from one batch to the next (so a document's s
 depend on the documents batched before it, later ones among them). `lora_order="record"` runs
 the record's schedule, warm A included, to reproduce its number.
 
+Scoring and training use two forwards, not one as the record does: the scoring forward runs
+under no_grad before anything has trained on its tokens, which is exactly what `pgbuild verify`
+instruments (the training forward costs about a third more compute).
+
 Every forward has the same number of rows (`lora_group_rows`, all-zero rows padding the last
-group) and is built for the backward whether or not any of its rows trains: a matrix product of
-another shape rounds differently, and which documents run beside a document depends on later
-tokens, which moved earlier scores by up to 1e-5 nats when the row count varied.
+group): a matrix product of another shape rounds differently, and which documents run beside a
+document depends on later tokens, which moved earlier scores by up to 1e-5 nats when the row
+count varied.
 """
 
 import math
@@ -148,26 +152,15 @@ def select_rows(adapters, docs, num_rows, device):
     adapters.select(torch.tensor(list(docs) + [0] * (num_rows - len(docs)), device=device))
 
 
-def chunk_step(model, adapters, x, y, rows, training, nll, on_score=None, on_train=None):
-    """One forward of a chunk's rows: each row's chunk is scored, then the rows in `training`
-    add the gradient of their chunk's mean NLL to their own document's adapters (the step comes
-    after every row of the chunk is scored). The forward always builds the graph, trained rows or
-    not, so its kernels, and so its rounding, never depend on which other documents still train."""
-    with torch.enable_grad(), autocast(x.device):
+def accumulate_adapter_grads(model, adapters, x, y, rows, device):
+    """Add the gradient of each row's mean NLL over its chunk (its last chunk end - chunk start
+    columns) to its document's adapters. Summing per-document means keeps the documents'
+    gradients apart; padding rows weigh nothing."""
+    with autocast(device):
         losses = model(x, y, adapters=adapters)
-    for r, (start, chunk_start, end) in enumerate(rows):
-        nll[chunk_start:end] = losses[r, chunk_start - start:end - start].detach()
-        if on_score is not None:
-            on_score(chunk_start, end)
-    if not any(training):
-        return
-    # Summing per-document means keeps the documents' gradients apart; other rows weigh nothing.
     mask = torch.zeros_like(losses)
-    for r, ((start, chunk_start, end), trains) in enumerate(zip(rows, training)):
-        if trains:
-            mask[r, chunk_start - start:end - start] = 1
-            if on_train is not None:
-                on_train(start, end)
+    for j, (start, chunk_start, _) in enumerate(rows):
+        mask[j, chunk_start - start:] = 1
     ((losses * mask).sum(1) / mask.sum(1).clamp(min=1)).sum().backward()
 
 
@@ -188,17 +181,31 @@ def adapt_batch(model, tokens, docs, adapters, nll, cfg, device, on_score=None, 
     for c in range(math.ceil(max(lengths) / chunk)):
         width = min((c + 1) * chunk, cfg.seq_len)
         active = [i for i, n in enumerate(lengths) if n > c * chunk]
-        optimizer.zero_grad(set_to_none=True)
-        trained = False
+        windows = {i: chunk_window(docs[i], c, chunk, cfg.seq_len) for i in active}
         for group in groups(active, num_rows):
-            rows = [chunk_window(docs[i], c, chunk, cfg.seq_len) for i in group]
-            training = [end < docs[i][1] for i, (_, _, end) in zip(group, rows)]  # not its last chunk
+            rows = [windows[i] for i in group]
             x, y = window_batch(tokens, rows, num_rows, width, device)
             select_rows(adapters, group, num_rows, device)
-            chunk_step(model, adapters, x, y, rows, training, nll, on_score, on_train)
-            trained |= any(training)
-        if trained:
-            optimizer.step()
+            with torch.no_grad(), autocast(device):
+                scores = model(x, y, adapters=adapters)
+            for r, (start, chunk_start, end) in enumerate(rows):
+                nll[chunk_start:end] = scores[r, chunk_start - start:end - start]
+                if on_score is not None:
+                    on_score(chunk_start, end)
+        # Documents still mid-way (their rows always full width) train on the chunk just scored.
+        training = [i for i in active if windows[i][2] < docs[i][1]]
+        if not training:
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        for group in groups(training, num_rows):
+            rows = [windows[i] for i in group]
+            if on_train is not None:
+                for start, _, end in rows:
+                    on_train(start, end)
+            x, y = window_batch(tokens, rows, num_rows, width, device)
+            select_rows(adapters, group, num_rows, device)
+            accumulate_adapter_grads(model, adapters, x, y, rows, device)
+        optimizer.step()
 
 
 def stream_schedule(docs, cfg):

@@ -47,8 +47,7 @@ class Documents:
     hold. Built once per forward; each attention backend asks for the form it needs, once."""
 
     def __init__(self, ids, bos_id, max_len=0):
-        """`max_len` > 0 also cuts a document every max_len tokens from its start, as the
-        records cut documents in their packed rows (one flat row of many seq_len windows)."""
+        """`max_len` > 0 also cuts a document every max_len tokens from its start (packed rows)."""
         starts = ids == bos_id
         starts[:, 0] = True
         if max_len:
@@ -346,9 +345,8 @@ class GPT(nn.Module):
         this same forward: `adapters.layers[i]` is given to the i-th virtual layer's block and
         `adapters.head` adds to the logits before the softcap. One forward for every use means
         no hand-copied TTT forward can drift from the model (a record lost 0.8 bpb that way).
-
-        `max_doc_len` > 0 masks attention at documents, doc_mask or not, and also cuts each one
-        every max_doc_len tokens (Documents): rows that pack many windows, as the records'."""
+        `max_doc_len` > 0 masks attention at documents, doc_mask or not, cut every max_doc_len
+        tokens (Documents): rows that pack many windows, as the records'."""
         if self.cfg.record_precision and not torch.is_autocast_enabled(ids.device.type):
             with torch.autocast(ids.device.type, torch.bfloat16):  # the record's linears cast to bf16
                 return self.forward(ids, targets, adapters, mean, max_doc_len)
