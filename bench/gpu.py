@@ -424,7 +424,9 @@ def eval_variants(tokens, tables, cfg, device, use_compile):
     if use_compile:
         compiled_note = "eval.compile=true (torch.compile of the model inside runtime.evaluate)"
         variants += [("sliding", "runtime.evaluate, compiled model", compiled_note, ours("sliding", True)),
-                     ("ttt", "runtime.evaluate, compiled model", compiled_note, ours("ttt", True))]
+                     ("ttt", "runtime.evaluate, compiled model", compiled_note, ours("ttt", True)),
+                     ("lora", "runtime.evaluate, compiled model", compiled_note + ", dynamic shapes",
+                      ours("lora", True))]
     return variants
 
 

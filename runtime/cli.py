@@ -53,7 +53,7 @@ def parse_args(argv):
     ev.add_argument("--lora-order", choices=LORA_ORDERS,
                     help="lora mode: phases on the stream's first documents (stream) or in the 2026-04-27 "
                          "record's order (record: its number, but not causal; default: the build's)")
-    ev.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; not the lora mode)")
+    ev.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     ev.add_argument("--max-val-tokens", type=positive_int, help="score only a prefix of the validation stream")
     ev.add_argument("--dump-nll", help="save the per-token NLL (nats, stream order) to this .npy file")
     ev.add_argument("--device", help="torch device (default: cuda if available)")

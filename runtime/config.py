@@ -204,10 +204,11 @@ class EvalConfig(ConfigBase):
     ttt_batch_seqs: int = 32
     """Score-first TTT: sequences per training step."""
     compile: bool = False
-    """torch.compile the model for the standard, sliding and score-first TTT modes, as the record
-    does: fullgraph, static shapes (a short last batch is padded, so scoring is one graph). It
-    compiles lazily on the first real forward, so no warm-up ever runs on any tokens; the LoRA
-    mode stays eager (each batch's fresh adapters would force a recompile)."""
+    """torch.compile the model as the record does: fullgraph, static shapes for the standard,
+    sliding and score-first TTT modes (a short last batch is padded, so scoring is one graph),
+    dynamic ones for the LoRA mode, whose windows grow chunk by chunk (one adapter set, reset in
+    place, serves every batch). It compiles lazily on the first real forward, so no warm-up ever
+    runs on any tokens."""
     lora_chunk_tokens: int = 48
     """LoRA TTT: each document is scored in chunks of this many tokens, each chunk (all but the
     last) followed by one adapter step on it (RTOP 48; PR #1530 32)."""

@@ -122,10 +122,11 @@ def evaluate(model, tokens, tables, cfg, mode, device, on_score=None, on_train=N
     stride = cfg.seq_len if mode == "standard" else cfg.stride
     windows = sliding_windows(num_positions, cfg.seq_len, stride)
     nll = torch.zeros(num_positions, dtype=torch.float32, device=device)
-    if cfg.compile and mode != "lora":
-        # As the record compiles: static shapes, and an error at a graph break rather than a
-        # silent fall-back. Same parameters; compiled by the first real forward.
-        model = torch.compile(model, dynamic=False, fullgraph=True)
+    if cfg.compile:
+        # As the record compiles: an error at a graph break rather than a silent fall-back; static
+        # shapes, but for the LoRA windows, which grow chunk by chunk up to seq_len (its TTT
+        # forward is dynamic too). Same parameters; compiled by the first real forward.
+        model = torch.compile(model, dynamic=mode == "lora", fullgraph=True)
     if mode == "ttt":
         score_first_ttt(model, stream, windows, nll, cfg, ranks, device, on_score, on_train)
     elif mode == "lora":

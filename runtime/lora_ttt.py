@@ -23,14 +23,14 @@ adapters, where the record keeps A from one batch to the next (so a document's s
 depend on the documents batched before it, later ones among them). `lora_order="record"` runs
 the record's schedule, warm A included, to reproduce its number.
 
-Scoring and training use two forwards, not one as the record does: the scoring forward runs
-under no_grad before anything has trained on its tokens, which is exactly what `pgbuild verify`
-instruments (the training forward costs about a third more compute).
+One forward both scores a chunk and trains on it, as the record's does: its NLL is taken (and
+reported scored) before the backward and the step, so nothing trained on a token can reach its
+score. `pgbuild verify` checks exactly that.
 
 Every forward has the same number of rows (`lora_group_rows`, all-zero rows padding the last
-group): a matrix product of another shape rounds differently, and which documents run beside a
-document depends on later tokens, which moved earlier scores by up to 1e-5 nats when the row
-count varied.
+group) and builds the graph for a backward whether or not any of its rows trains: a matrix product
+of another shape rounds differently, and which documents run beside a document depends on later
+tokens, which moved earlier scores by up to 1e-5 nats when the row count varied.
 """
 
 import math
@@ -44,18 +44,25 @@ from .ttt import cosine_lr, sum_grads, train_on_positions
 
 
 class LoRA(nn.Module):
-    """A low-rank delta per document: row r of a batch gets x @ A[d] @ B[d] * scale, d = rows[r].
+    """Low-rank deltas in `slots` slots: row r of a batch gets x @ A[s] @ B[s] * scale, s = rows[r].
     A ~ U(+-1/sqrt(in)), B = 0, so a fresh adapter changes nothing."""
 
-    def __init__(self, in_dim, out_dim, rank, scale, generators):
-        """`generators`: one per document, so a document's init never depends on its batch."""
+    def __init__(self, in_dim, out_dim, rank, scale, slots, rows):
+        """`rows`: the slot of each row of the next forward, one tensor shared by every LoRA."""
         super().__init__()
-        bound = in_dim ** -0.5
-        self.a = nn.Parameter(torch.stack([torch.rand(in_dim, rank, generator=g) for g in generators]) * (2 * bound)
-                              - bound)
-        self.b = nn.Parameter(torch.zeros(len(generators), rank, out_dim))
+        self.a = nn.Parameter(torch.zeros(slots, in_dim, rank, device=rows.device))
+        self.b = nn.Parameter(torch.zeros(slots, rank, out_dim, device=rows.device))
         self.scale = scale
-        self.rows = None
+        self.register_buffer("rows", rows, persistent=False)
+
+    def reset(self, generators):
+        """Slot i starts afresh from generators[i] (B = 0); slots beyond them keep their A."""
+        in_dim, rank = self.a.shape[1:]
+        bound = in_dim ** -0.5
+        with torch.no_grad():
+            for slot, g in enumerate(generators):
+                self.a[slot] = torch.rand(in_dim, rank, generator=g) * (2 * bound) - bound
+            self.b.zero_()
 
     def forward(self, x):
         a, b = self.a[self.rows].to(x.dtype), self.b[self.rows].to(x.dtype)
@@ -63,35 +70,47 @@ class LoRA(nn.Module):
 
 
 class DocAdapters(nn.Module):
-    """Adapters for every virtual layer's q, k, v, o and MLP and for the head, one set per
-    document, in the layout GPT.forward(adapters=...) reads."""
+    """Adapters for every virtual layer's q, k, v, o and MLP and for the head, a slot per document
+    of a batch, in the layout GPT.forward(adapters=...) reads. One set serves batch after batch,
+    reset in place, so a compiled forward meets the same module and shapes every time. Built on
+    its device: its LoRAs share one `rows` tensor, which `.to()` would copy apart."""
 
-    def __init__(self, model_cfg, virtual_layers, doc_ids, cfg):
-        """`doc_ids`: the documents' indices in the stream, which seed their adapters' init."""
+    def __init__(self, model_cfg, virtual_layers, cfg, slots, num_rows, device=None):
         super().__init__()
-        generators = [torch.Generator().manual_seed(i) for i in doc_ids]
         d, kv = model_cfg.model_dim, model_cfg.num_kv_heads * model_cfg.head_dim
+        rows = torch.zeros(num_rows, dtype=torch.int64, device=device)
 
         def lora(in_dim, out_dim):
-            return LoRA(in_dim, out_dim, cfg.lora_rank, cfg.lora_alpha / cfg.lora_rank, generators)
+            return LoRA(in_dim, out_dim, cfg.lora_rank, cfg.lora_alpha / cfg.lora_rank, slots, rows)
 
         self.layers = nn.ModuleList(nn.ModuleDict(dict(q=lora(d, d), k=lora(d, kv), v=lora(d, kv), o=lora(d, d),
                                                        mlp=lora(d, d)))
                                     for _ in range(virtual_layers))
         self.head = lora(d, model_cfg.vocab_size)
 
+    def loras(self):
+        return [m for m in self.modules() if isinstance(m, LoRA)]
+
+    def reset(self, doc_ids):
+        """Fresh adapters for the documents `doc_ids`, in slots 0, 1, ...: a document's index in
+        the stream seeds its A, so its init never depends on its batch."""
+        generators = [torch.Generator().manual_seed(i) for i in doc_ids]
+        for lora in self.loras():
+            lora.reset(generators)
+        return self
+
     def clear_deltas(self):
         """B = 0 everywhere, A kept: the record's reset between batches (TTT_WARM_START_A)."""
         with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, LoRA):
-                    module.b.zero_()
+            for lora in self.loras():
+                lora.b.zero_()
+        return self
 
-    def select(self, rows):
-        """Which document (index in this batch) each row of the next forward belongs to."""
-        for module in self.modules():
-            if isinstance(module, LoRA):
-                module.rows = rows
+    def select(self, slots):
+        """The slot each row of the next forward reads, padding rows slot 0 (they weigh nothing)."""
+        rows = self.head.rows
+        rows.zero_()
+        rows[:len(slots)] = torch.as_tensor(slots, dtype=torch.int64)
 
 
 def documents(tokens, bos_id):
@@ -146,31 +165,39 @@ def window_batch(tokens, rows, num_rows, width, device):
     return x.to(device), y.to(device)
 
 
-def select_rows(adapters, docs, num_rows, device):
-    """Row r uses document docs[r]'s adapters; padding rows use document 0's, to no effect (they
-    are never scored and their loss weight is zero)."""
-    adapters.select(torch.tensor(list(docs) + [0] * (num_rows - len(docs)), device=device))
-
-
-def accumulate_adapter_grads(model, adapters, x, y, rows, device):
-    """Add the gradient of each row's mean NLL over its chunk (its last chunk end - chunk start
-    columns) to its document's adapters. Summing per-document means keeps the documents'
-    gradients apart; padding rows weigh nothing."""
-    with autocast(device):
+def chunk_step(model, adapters, x, y, rows, training, nll, on_score=None, on_train=None):
+    """One forward of a chunk's rows: each row's chunk is scored, then the rows in `training` add
+    the gradient of their chunk's mean NLL to their own document's adapters (the optimizer steps
+    once every row of the chunk is scored). Summing per-document means keeps the documents'
+    gradients apart; other rows weigh nothing."""
+    if on_train is not None:
+        for (start, _, end), trains in zip(rows, training):
+            if trains:
+                on_train(start, end)
+    with torch.enable_grad(), autocast(x.device):
         losses = model(x, y, adapters=adapters)
+    for r, (start, chunk_start, end) in enumerate(rows):
+        nll[chunk_start:end] = losses[r, chunk_start - start:end - start].detach()
+        if on_score is not None:
+            on_score(chunk_start, end)
+    if not any(training):
+        return
     mask = torch.zeros_like(losses)
-    for j, (start, chunk_start, _) in enumerate(rows):
-        mask[j, chunk_start - start:] = 1
+    for r, ((start, chunk_start, end), trains) in enumerate(zip(rows, training)):
+        if trains:
+            mask[r, chunk_start - start:end - start] = 1
     ((losses * mask).sum(1) / mask.sum(1).clamp(min=1)).sum().backward()
 
 
-def fresh_adapters(model, doc_ids, cfg, device):
-    """Adapters for the documents `doc_ids` (their indices in the stream seed each one's A)."""
-    return DocAdapters(model.cfg, len(model.cfg.layer_order(model.looping)), doc_ids, cfg).to(device)
+def make_adapters(model, cfg, device):
+    """One adapter set with a slot per document of a batch, for forwards of lora_group_rows rows."""
+    num_rows = min(cfg.lora_group_rows, cfg.lora_batch_docs)
+    return DocAdapters(model.cfg, len(model.cfg.layer_order(model.looping)), cfg, cfg.lora_batch_docs, num_rows,
+                       device)
 
 
 def adapt_batch(model, tokens, docs, adapters, nll, cfg, device, on_score=None, on_train=None):
-    """Score `docs` chunk by chunk, each document adapting its own LoRA (row i of `adapters` for
+    """Score `docs` chunk by chunk, each document adapting its own LoRA (slot i of `adapters` for
     docs[i]) after each chunk but its last, from a fresh optimizer. The documents still running
     go through forwards of exactly `lora_group_rows` rows; a row's result depends on its own
     tokens and adapters only."""
@@ -181,31 +208,17 @@ def adapt_batch(model, tokens, docs, adapters, nll, cfg, device, on_score=None, 
     for c in range(math.ceil(max(lengths) / chunk)):
         width = min((c + 1) * chunk, cfg.seq_len)
         active = [i for i, n in enumerate(lengths) if n > c * chunk]
-        windows = {i: chunk_window(docs[i], c, chunk, cfg.seq_len) for i in active}
-        for group in groups(active, num_rows):
-            rows = [windows[i] for i in group]
-            x, y = window_batch(tokens, rows, num_rows, width, device)
-            select_rows(adapters, group, num_rows, device)
-            with torch.no_grad(), autocast(device):
-                scores = model(x, y, adapters=adapters)
-            for r, (start, chunk_start, end) in enumerate(rows):
-                nll[chunk_start:end] = scores[r, chunk_start - start:end - start]
-                if on_score is not None:
-                    on_score(chunk_start, end)
-        # Documents still mid-way (their rows always full width) train on the chunk just scored.
-        training = [i for i in active if windows[i][2] < docs[i][1]]
-        if not training:
-            continue
         optimizer.zero_grad(set_to_none=True)
-        for group in groups(training, num_rows):
-            rows = [windows[i] for i in group]
-            if on_train is not None:
-                for start, _, end in rows:
-                    on_train(start, end)
+        trained = False
+        for group in groups(active, num_rows):
+            rows = [chunk_window(docs[i], c, chunk, cfg.seq_len) for i in group]
+            training = [end < docs[i][1] for i, (_, _, end) in zip(group, rows)]  # not its last chunk
             x, y = window_batch(tokens, rows, num_rows, width, device)
-            select_rows(adapters, group, num_rows, device)
-            accumulate_adapter_grads(model, adapters, x, y, rows, device)
-        optimizer.step()
+            adapters.select(group)
+            chunk_step(model, adapters, x, y, rows, training, nll, on_score, on_train)
+            trained |= any(training)
+        if trained:
+            optimizer.step()
 
 
 def stream_schedule(docs, cfg):
@@ -314,19 +327,18 @@ def lora_ttt(model, tokens, nll, cfg, ranks, device, on_score=None, on_train=Non
     trainable = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(False)  # adapter steps leave the base weights alone
     model.eval()
+    fresh = make_adapters(model, cfg, device)
+    warm = make_adapters(model, cfg, device) if cfg.lora_order == "record" else None
     for batches, phase_docs in schedule(docs, cfg):
-        warm = None
+        warmed = False
         for batch in batches[ranks.rank::ranks.world]:
-            if cfg.lora_order == "record" and len(batch) == cfg.lora_batch_docs:
+            if warm is not None and len(batch) == cfg.lora_batch_docs:
                 # The record keeps one set of adapters for its full batches until the next phase,
                 # clearing B but keeping A, trained further by each batch (TTT_WARM_START_A=1).
-                if warm is None:
-                    warm = fresh_adapters(model, batch, cfg, device)
-                else:
-                    warm.clear_deltas()
-                adapters = warm
+                adapters = warm.clear_deltas() if warmed else warm.reset(batch)
+                warmed = True
             else:
-                adapters = fresh_adapters(model, batch, cfg, device)
+                adapters = fresh.reset(batch)
             adapt_batch(model, tokens, [docs[i] for i in batch], adapters, nll, cfg, device, on_score, on_train)
         if phase_docs:
             train_phase(model, tokens, docs, phase_docs, cfg, ranks, device, on_train)

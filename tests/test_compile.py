@@ -8,6 +8,7 @@ backward, without code generation); one training run goes through inductor for r
 """
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -22,6 +23,7 @@ from builder.train.trainer import Context, train
 from runtime.data import find_data, load_tokens
 from runtime.distributed import Ranks
 from runtime.errors import PgError
+from runtime.lora_ttt import documents, lora_ttt
 from runtime.model import GPT
 from runtime.ttt import score_first_ttt
 from runtime.windows import score_windows, sliding_windows
@@ -132,6 +134,33 @@ def test_score_first_ttt_graphs_do_not_grow_with_the_chunks(scoring):
         assert torch.isfinite(nll).all() and (nll > 0).all()
         graphs.append(counter.frame_count)
     assert graphs == [2, 2] and not counters["graph_break"]
+
+
+def test_lora_ttt_graphs_do_not_grow_with_the_batches(scoring):
+    """LoRA TTT compiled as runtime/evaluate.py compiles it (dynamic: windows grow chunk by chunk),
+    one adapter set reset for every batch, a phase after the first batch: as many graphs for one
+    batch as for three (a short last one among them), and the eager scores, so the adapters' slot
+    indices, rewritten in place, are read as inputs, never baked in. Dynamo's graphs run by its
+    eager backend (AOT autograd traces dynamic shapes slowly); bench/lora_compile.py compiles the
+    mode with inductor for real."""
+    model, tokens, cfg = scoring
+    cfg = dataclasses.replace(cfg, lora_chunk_tokens=16, lora_rank=4, lora_batch_docs=2, lora_group_rows=2,
+                              lora_phases=1, lora_phase_docs=2)
+    tokens = tokens[:301].clone()
+    tokens[[0, 60, 128, 180, 240]] = model.cfg.bos_id  # five documents of 52 to 68 tokens
+    docs = documents(tokens, model.cfg.bos_id)
+    graphs = []
+    for num_docs in (2, 5):
+        positions = docs[num_docs - 1][1]
+        counter = CompileCounterWithBackend("eager")
+        compiled = torch.compile(copy.deepcopy(model), backend=counter, dynamic=True, fullgraph=True)
+        nll, eager_nll = torch.zeros(positions), torch.zeros(positions)
+        lora_ttt(compiled, tokens[:positions + 1], nll, cfg, Ranks(), CPU)
+        lora_ttt(copy.deepcopy(model), tokens[:positions + 1], eager_nll, cfg, Ranks(), CPU)
+        torch.testing.assert_close(nll, eager_nll, rtol=0, atol=1e-4)
+        graphs.append(counter.frame_count)
+        torch._dynamo.reset()
+    assert graphs[0] == graphs[1] <= 3 and not counters["graph_break"]
 
 
 def test_unknown_backend_is_one_error_line(demo_data):

@@ -54,7 +54,7 @@ def test_phases_split_the_prefix_evenly_and_stop_at_the_documents():
 def test_fresh_adapters_change_nothing_and_trained_ones_do(setup):
     model, tokens, _ = setup
     x = torch.as_tensor(tokens[:64].astype(np.int64))[None].repeat(2, 1)
-    adapters = DocAdapters(model.cfg, len(model.cfg.layer_order(True)), [0, 1], CFG)
+    adapters = DocAdapters(model.cfg, len(model.cfg.layer_order(True)), CFG, 2, 2).reset([0, 1])
     adapters.select(torch.tensor([1, 0]))
     with torch.no_grad():
         assert torch.equal(model(x, adapters=adapters), model(x))
@@ -68,18 +68,26 @@ def run(model, tokens, tables, cfg=CFG, **hooks):
 
 
 def test_each_position_scored_once_and_before_any_update_reads_it(setup):
+    """The hooks' contract: on_train names a range just before the forward that trains on it,
+    and every position of it is scored by the time that forward is done (before the next one):
+    one forward scores a chunk, then its backward trains on it."""
     model, tokens, tables = setup
+    model = copy.deepcopy(model)
     scored = np.zeros(len(tokens) - 1, int)
-    trained, violations = [], []
+    trained, announced, reading, violations = [], [], [], []
 
-    def on_train(a, b):
-        trained.append((a, b))
-        if not (scored[a:b] == 1).all():
-            violations.append((a, b))
+    def settle():
+        violations.extend((a, b) for a, b in reading if not (scored[a:b] == 1).all())
+        reading[:] = announced
+        announced.clear()
 
-    result = run(model, tokens, tables, on_score=lambda a, b: scored.__setitem__(slice(a, b), scored[a:b] + 1),
-                 on_train=on_train)
-    assert (scored == 1).all() and not violations
+    forward = model.forward
+    model.forward = lambda *args, **kwargs: (settle(), forward(*args, **kwargs))[1]
+    result = evaluate(model, tokens, tables, CFG, "lora", CPU,
+                      on_score=lambda a, b: scored.__setitem__(slice(a, b), scored[a:b] + 1),
+                      on_train=lambda a, b: (trained.append((a, b)), announced.append((a, b))))
+    settle()
+    assert (scored == 1).all() and trained and not violations and not announced
     # Adapter steps (within a document) and two phases (over the first three and six documents).
     docs = documents(tokens, model.cfg.bos_id)
     assert (0, 64) in trained and any(a == docs[3][0] for a, _ in trained)

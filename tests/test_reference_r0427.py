@@ -152,7 +152,7 @@ def test_lora_adapters_act_where_the_records_do(ref, setup):
             for p in theirs.parameters():
                 p.copy_(0.05 * torch.randn_like(p))
     cfg = EvalConfig(seq_len=SEQ_LEN, lora_rank=rank, lora_alpha=theirs.lm_head_lora._scale * rank)
-    ours = DocAdapters(MODEL, len(MODEL.layer_order(True)), range(docs), cfg)
+    ours = DocAdapters(MODEL, len(MODEL.layer_order(True)), cfg, docs, docs).reset(range(docs))
     pairs = [(ours.head, theirs.lm_head_lora)] + [
         (ours.layers[slot][name], getattr(theirs, f"{name}_loras")[slot])
         for slot in range(len(ours.layers)) for name in ("q", "k", "v", "o", "mlp")]
@@ -254,7 +254,7 @@ LORA = dict(rank=4, chunk=48, lr=1e-4)  # the record's chunk and LR (its rank is
 
 def start_as_pgbuild(record_adapters, doc_ids, cfg):
     """Give the record's BatchedTTTLoRA the A that pgbuild's adapters give these documents."""
-    ours = DocAdapters(MODEL, len(MODEL.layer_order(True)), doc_ids, cfg)
+    ours = DocAdapters(MODEL, len(MODEL.layer_order(True)), cfg, len(doc_ids), len(doc_ids)).reset(doc_ids)
     pairs = [(ours.head, record_adapters.lm_head_lora)] + [
         (ours.layers[slot][name], getattr(record_adapters, f"{name}_loras")[slot])
         for slot in range(len(ours.layers)) for name in ("q", "k", "v", "o", "mlp")]

@@ -123,6 +123,27 @@ def train_before_scoring(sources):
     return sources
 
 
+def adapt_before_scoring(sources):
+    """LoRA TTT turned around: a chunk's forward trains the adapters, they step, and only then
+    does a second forward score the chunk. Reported as the honest code reports (on_train before
+    the training forward), so only the order gives it away."""
+    tree = ast.parse(sources["runtime.lora_ttt"])
+    step = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "chunk_step")
+    step.name = "_honest_chunk_step"
+    tree.body += _code("""
+        def chunk_step(model, adapters, x, y, rows, training, nll, on_score=None, on_train=None):
+            _honest_chunk_step(model, adapters, x, y, rows, training, nll.clone(), None, on_train)
+            with torch.no_grad():
+                for p in adapters.parameters():
+                    if p.grad is not None:
+                        p -= 1e-3 * p.grad.sign()
+                        p.grad = None
+            _honest_chunk_step(model, adapters, x, y, rows, [False] * len(rows), nll, on_score, None)
+    """)
+    sources["runtime.lora_ttt"] = ast.unparse(ast.fix_missing_locations(tree))
+    return sources
+
+
 def failed(report):
     """{mode: [failed check names]}"""
     return {mode: [k for k, c in r["checks"].items() if not c["passed"]] for mode, r in report["modes"].items()}
@@ -209,6 +230,17 @@ def test_training_before_scoring_is_caught(artifact, demo_data, tmp_path):
     checks = report["modes"]["ttt"]["checks"]
     assert not checks["score_first"]["passed"] and checks["score_first"]["train_violations"] > 0
     assert not checks["causal"]["passed"]  # the update on the perturbed chunk moved its earlier scores
+    assert checks["single_pass"]["passed"] and checks["normalized"]["passed"]
+
+
+def test_adapting_before_scoring_is_caught(artifact, demo_data, tmp_path):
+    """The honest LoRA TTT scores a chunk and trains on it in one forward; this one trains in a
+    forward, steps, then scores in another: caught although every report looks alike."""
+    path = repack(artifact, tmp_path / "adapt_first.py", adapt_before_scoring)
+    report = verify_artifact(str(path), str(demo_data), probes=1, modes=["lora"], **SMALL)
+    checks = report["modes"]["lora"]["checks"]
+    assert not checks["score_first"]["passed"] and checks["score_first"]["train_violations"] > 0
+    assert not checks["causal"]["passed"]  # the step on a chunk moved that chunk's own scores
     assert checks["single_pass"]["passed"] and checks["normalized"]["passed"]
 
 

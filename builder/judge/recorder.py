@@ -1,10 +1,14 @@
 """Instrumentation of an artifact's evaluation: what each forward and each hook report did.
 
 The evaluator is instrumented through its `on_score(a, b)` / `on_train(a, b)` hooks and by wrapping
-the model's forward: a no-grad forward is a scoring forward (its logits are captured), a forward
-with grad enabled is a training forward. The hooks' contract: `on_score` is told, row by row and
-before the next forward, which positions each row of the last scoring forward scored; `on_train`
-is told each row's position range just before the training forward that reads it.
+the model's forward, whose per-token output (or logits) is captured as it is computed, before any
+update can follow. The hooks' contract: `on_score` is told, row by row and before the next forward,
+which positions each row of the last forward scored; `on_train` is told each trained row's
+position range just before the grad-enabled forward that reads it. A trained row must read only
+positions scored by the time the next forward starts: in earlier forwards, or in its own (one
+forward can score a chunk and then train on it, as the records' LoRA TTT does). Rows of a
+grad-enabled forward that no report names are unreported training rows; rows of a no-grad
+forward that no report claims are unclaimed scoring rows (all-zero padding excepted).
 """
 
 import copy
@@ -90,30 +94,51 @@ class Recorder:
         ids = args[0] if args else kwargs["ids"]
         targets = args[1] if len(args) > 1 else kwargs.get("targets")
         self._close_batch()
-        if torch.is_grad_enabled():
-            self._check_training(ids, targets)
-            return self._forward(*args, **kwargs)
+        training = torch.is_grad_enabled()
         out = self._forward(*args, **kwargs)
-        if targets is None:
-            logits = out
-        else:  # the same forward (adapters and all) without targets gives the logits behind the NLL
-            rest = {k: v for k, v in kwargs.items() if k not in ("ids", "targets")}
-            logits = self._forward(ids, None, *args[2:], **rest)
-        self._open_batch(ids, targets, out if targets is not None else None, logits)
+        host = lambda t: None if t is None else t.detach().cpu().numpy().astype(np.int64)  # noqa: E731
+        batch = dict(x=host(ids), y=host(targets), training=training, trains={}, next_row=0, logits=None, nll=None)
+        if training:
+            batch["trains"] = self._claim_training_rows(batch["x"], batch["y"])
+        per_token = out.shape == ids.shape if targets is not None else out.dim() == 3
+        if not training or per_token:  # a mean loss holds nothing that could be scored
+            if targets is None:
+                logits = out
+            else:  # the same forward (adapters and all) without targets gives the logits behind the NLL
+                rest = {k: v for k, v in kwargs.items() if k not in ("ids", "targets")}
+                with torch.no_grad():
+                    logits = self._forward(ids, None, *args[2:], **rest)
+            self._check_shapes(ids, targets, out, logits)
+            batch.update(logits=logits.detach(), nll=None if targets is None else out.detach().float().cpu().numpy())
+            self.vocab_widths.add(int(logits.shape[-1]))
+        self.batch = batch
         return out
 
-    def _open_batch(self, ids, targets, nll, logits):
-        """Hold a scoring forward until on_score says which of its columns were scored."""
+    @staticmethod
+    def _check_shapes(ids, targets, out, logits):
         if logits.dim() != 3 or logits.shape[:2] != ids.shape:
             raise PgError(f"model(x) returned shape {tuple(logits.shape)}, not logits (B, T, vocab) "
                           f"for x of shape {tuple(ids.shape)}")
-        if nll is not None and tuple(nll.shape) != tuple(ids.shape):
-            raise PgError(f"model(x, y) returned shape {tuple(nll.shape)}, not per-token NLL {tuple(ids.shape)}")
-        self.vocab_widths.add(int(logits.shape[-1]))
-        host = lambda t: None if t is None else t.detach().cpu().numpy()  # noqa: E731
-        self.batch = dict(x=host(ids).astype(np.int64), y=None if targets is None else host(targets).astype(np.int64),
-                          nll=None if nll is None else host(nll.float()), logits=logits.detach(), next_row=0)
-        self.counts["scoring_rows"] += len(ids)
+        if targets is not None and tuple(out.shape) != tuple(ids.shape):
+            raise PgError(f"model(x, y) returned shape {tuple(out.shape)}, not per-token NLL {tuple(ids.shape)}")
+
+    def _claim_training_rows(self, x, y):
+        """{row: (a, b)}: the rows of a grad-enabled forward that the pending on_train reports
+        name, each matched to a row holding exactly positions a..b-1 (padding could hide other
+        tokens) and, when given, their true targets."""
+        claims = {}
+        while self.train_reports:
+            a, b = self.train_reports.popleft()
+            row = next((r for r in range(len(x)) if r not in claims and x.shape[1] == b - a
+                        and np.array_equal(x[r], self.tokens[a:b])
+                        and (y is None or np.array_equal(y[r], self.tokens[a + 1:b + 1]))), None)
+            if row is None:
+                self.counts["mismatched_train_rows"] += 1
+                self._example("mismatched_train_rows", [a, b])
+            else:
+                claims[row] = (a, b)
+                self.counts["train_rows"] += 1
+        return claims
 
     def _capture(self, r, cols, a, b):
         """What row r's scored columns predicted, for positions a..b-1: the model's NLL, the gap
@@ -133,41 +158,36 @@ class Recorder:
                                          1).cpu().numpy()
 
     def _close_batch(self):
-        if self.batch is not None:
-            rest = slice(self.batch["next_row"], None)
-            if is_padding(self.batch["x"][rest], None if self.batch["y"] is None else self.batch["y"][rest]):
-                self.counts["padding_rows"] += len(self.batch["x"]) - self.batch["next_row"]
-                self.batch["next_row"] = len(self.batch["x"])
-            unclaimed = len(self.batch["x"]) - self.batch["next_row"]
-            if unclaimed:
-                self.counts["unclaimed_rows"] += unclaimed
-                self._example("unclaimed_rows", f"{unclaimed} of {len(self.batch['x'])} rows")
-            self.batch = None
-
-    def _check_training(self, ids, targets):
-        x = ids.detach().cpu().numpy().astype(np.int64)
-        y = None if targets is None else targets.detach().cpu().numpy().astype(np.int64)
+        """Settle the last forward once its reports are in: a trained row must read only
+        positions scored by now (before this forward, or by it: its logits were captured before
+        any update), every other row must have been scored or be padding."""
+        batch, self.batch = self.batch, None
+        if batch is None:
+            return
+        x, y = batch["x"], batch["y"]
+        unclaimed = 0
         for r in range(len(x)):
-            if is_padding(x[r:r + 1], None if y is None else y[r:r + 1]):
-                self.counts["padding_rows"] += 1
+            if r in batch["trains"]:
+                a, b = batch["trains"][r]
+                unscored = int((self.times_scored[a:b] == 0).sum())
+                if unscored:
+                    self.counts["train_violations"] += 1
+                    self._example("train_violations", {"range": [a, b], "unscored": unscored})
+                self.trained[a:b] = True
+            elif r < batch["next_row"]:
                 continue
-            self.counts["train_rows"] += 1
-            if not self.train_reports:
+            elif is_padding(x[r:r + 1], None if y is None else y[r:r + 1]):
+                self.counts["padding_rows"] += 1
+            elif batch["training"]:  # a grad-enabled row nobody reported: trained on, unannounced
+                self.counts["train_rows"] += 1
                 self.counts["unreported_train_rows"] += 1
                 self._example("unreported_train_rows", f"row of {x.shape[1]} tokens")
-                continue
-            a, b = self.train_reports.popleft()
-            # A training row must be exactly the reported range: padding could hide other tokens.
-            if (x.shape[1] != b - a or not np.array_equal(x[r], self.tokens[a:b])
-                    or (y is not None and not np.array_equal(y[r], self.tokens[a + 1:b + 1]))):
-                self.counts["mismatched_train_rows"] += 1
-                self._example("mismatched_train_rows", [a, b])
-                continue
-            unscored = int((self.times_scored[a:b] == 0).sum())
-            if unscored:
-                self.counts["train_violations"] += 1
-                self._example("train_violations", {"range": [a, b], "unscored": unscored})
-            self.trained[a:b] = True
+            else:
+                unclaimed += 1
+        self.counts["scoring_rows"] += len(x) if not batch["training"] else batch["next_row"]
+        if unclaimed:
+            self.counts["unclaimed_rows"] += unclaimed
+            self._example("unclaimed_rows", f"{unclaimed} of {len(x)} rows")
 
     # --- the evaluator's hooks
 
@@ -177,7 +197,8 @@ class Recorder:
     def on_score(self, a, b):
         a, b = int(a), int(b)
         batch = self.batch
-        if batch is None or batch["next_row"] >= len(batch["x"]) or not 0 <= a < b <= len(self.times_scored):
+        if (batch is None or batch["logits"] is None or batch["next_row"] >= len(batch["x"])
+                or not 0 <= a < b <= len(self.times_scored)):
             self.counts["extra_reports"] += 1
             self._example("extra_reports", [a, b])
             return
