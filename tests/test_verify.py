@@ -272,6 +272,16 @@ def test_bad_requests_are_one_line_errors(artifact, demo_data):
     assert one_chunk.returncode == 2 and "one TTT chunk" in one_chunk.stderr
 
 
+def test_a_compiled_evaluation_is_verified_eagerly(artifact, demo_data):
+    """torch.compile would trace the instrumentation wrapped around the forward (the lora mode's
+    dynamic shapes fail on it): verify runs the evaluation eagerly and says so."""
+    notes = []
+    report = verify_artifact(str(artifact), str(demo_data), probes=1, modes=["lora"],
+                             tokens=SMALL["tokens"], assignments=["eval.compile=true"], note=notes.append)
+    assert report["passed"] and report["eval"]["compile"] is False
+    assert notes == ["eval.compile: verified eagerly (an instrumented forward cannot be compiled)"]
+
+
 def test_a_prefix_shorter_than_a_ttt_chunk_gets_chunks_that_fit(artifact, demo_data):
     proc = run_pgbuild("verify", artifact, "--data", demo_data, "--tokens", 300, "--mode", "ttt", "--probes", 1,
                        "--json")

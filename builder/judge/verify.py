@@ -195,6 +195,12 @@ def verify_artifact(path, data, tokens=None, modes=None, assignments=(), probes=
             raise PgError(f"only {positions} positions to score; raise --tokens")
         if "ttt" in modes:
             eval_dict["ttt_chunk_tokens"] = ttt_chunk(eval_dict, assignments, positions, tokens, tell)
+        if eval_dict.get("compile"):
+            # The instrumentation wraps the model's forward in Python, which torch.compile would
+            # trace (and the lora mode's dynamic shapes cannot); compiling changes kernels, not what
+            # is scored or trained on.
+            eval_dict["compile"] = False
+            tell("eval.compile: verified eagerly (an instrumented forward cannot be compiled)")
         cfg = rt.call(rt.config.EvalConfig.from_dict, eval_dict)
         full_positions = validation_positions(data, manifest["model"]["vocab_size"], eval_dict["seq_len"], tokenizer)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
