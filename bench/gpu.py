@@ -497,6 +497,23 @@ def check_compiled(report, model, x, y, device, where):
                diff, f"torch.compile(fullgraph, static shapes), {precision}, {where}")
 
 
+def check_compiled_gradients(report, model, x, y, device, where):
+    """The training graph: the compiled mean loss's gradients against eager's (on a GPU with
+    doc_mask, flex_attention's backward against the dense mask's)."""
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    grads = []
+    for forward in (model, compiled):
+        model.zero_grad(set_to_none=True)
+        with autocast(device):
+            forward(x, y, mean=True).backward()
+        grads.append(torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None]))
+    model.zero_grad(set_to_none=True)
+    diff = ((grads[0] - grads[1]).norm() / grads[0].norm()).item()
+    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    report.add("check", "compiled vs eager training: |d grad| / |grad|", f"{diff:.2e}", diff,
+               f"all parameters, {precision}, {where}")
+
+
 def bench_checks(report, model, tokens, cfg, device, use_compile):
     model.eval()
     x, y = check_batch(tokens, cfg.seq_len, 4, device)
@@ -510,6 +527,8 @@ def bench_checks(report, model, tokens, cfg, device, use_compile):
         report.attempt("check", "flash-attn vs SDPA", lambda: check_flash(report, model, x, y, device, where))
     if use_compile:
         report.attempt("check", "compiled vs eager", lambda: check_compiled(report, model, x, y, device, where))
+        report.attempt("check", "compiled vs eager training",
+                       lambda: check_compiled_gradients(report, model, x, y, device, where))
     else:
         report.add("check", "compiled vs eager", "skipped", None,
                    "compilation off (CPU default; --compile on forces it)")

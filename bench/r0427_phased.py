@@ -23,6 +23,7 @@ import time
 
 import sentencepiece as spm
 import torch
+from race import r0427_env
 from reference import load_reference_module
 
 from builder.checkpoint import load_checkpoint
@@ -63,23 +64,12 @@ def to_r0427(state, cfg):
     return out
 
 
-def record_env(cfg, evalc, data_dir, tokenizer, phase_docs):
-    """The record's Hyperparameters for pgbuild's model and eval configs."""
-    return dict(
-        VOCAB_SIZE=cfg.vocab_size, NUM_LAYERS=cfg.num_layers, MODEL_DIM=cfg.model_dim, NUM_HEADS=cfg.num_heads,
-        NUM_KV_HEADS=cfg.num_kv_heads, MLP_MULT=cfg.mlp_mult, ROPE_DIMS=cfg.rope_dims, ROPE_BASE=cfg.rope_base,
-        QK_GAIN_INIT=cfg.qk_gain_init, LOGIT_SOFTCAP=cfg.logit_softcap, LOOP_START=cfg.loop_start,
-        LOOP_END=cfg.loop_end, NUM_LOOPS=cfg.num_loops, PARALLEL_START_LAYER=max(cfg.parallel_residual_start, 0),
-        XSA_LAST_N=cfg.xsa_last_n, SMEAR_GATE_ENABLED=int(cfg.smear_gate), GATE_WINDOW=cfg.gate_window,
-        SPARSE_ATTN_GATE_ENABLED=int(cfg.attn_gate == "sparse"), SPARSE_ATTN_GATE_SCALE=0.5,
-        TRAIN_SEQ_LEN=evalc.seq_len, EVAL_SEQ_LEN=evalc.seq_len, TTT_EVAL_SEQ_LEN=evalc.seq_len,
-        VAL_BATCH_TOKENS=8 * evalc.seq_len, FUSED_CE_ENABLED=0, CASEOPS_ENABLED=1, DATA_PATH=data_dir,
-        TOKENIZER_PATH=tokenizer, TTT_LORA_RANK=evalc.lora_rank, TTT_LORA_ALPHA=evalc.lora_alpha,
-        TTT_LORA_LR=evalc.lora_lr, TTT_CHUNK_SIZE=evalc.lora_chunk_tokens, TTT_BATCH_SIZE=evalc.lora_batch_docs,
-        TTT_BETA1=evalc.lora_betas[0], TTT_BETA2=evalc.lora_betas[1], TTT_WEIGHT_DECAY=evalc.lora_weight_decay,
-        PHASED_TTT_PREFIX_DOCS=phase_docs, PHASED_TTT_NUM_PHASES=evalc.lora_phases,
-        GLOBAL_TTT_LR=evalc.lora_phase_lr, GLOBAL_TTT_MOMENTUM=evalc.ttt_momentum,
-        GLOBAL_TTT_CHUNK_TOKENS=evalc.ttt_chunk_tokens, GLOBAL_TTT_GRAD_CLIP=evalc.ttt_grad_clip)
+def record_env(preset, data_dir, tokenizer, phase_docs):
+    """The race's mapping of the preset onto the record's Hyperparameters, with eval_val scoring
+    one sequence per batch (its document segments are then pgbuild's rows) and the phases over
+    `phase_docs` documents."""
+    return {**r0427_env(preset, data_dir, 0, tokenizer), "VAL_BATCH_TOKENS": 8 * preset.eval.seq_len,
+            "PHASED_TTT_PREFIX_DOCS": phase_docs}
 
 
 def main():
@@ -101,8 +91,8 @@ def main():
     counts = byte_counts(layout, spm.SentencePieceProcessor(model_file=layout.tokenizer), cfg.vocab_size, tokens, True)
     model.looping = True
 
-    ref = load_reference_module("r0427", record_env(cfg, evalc, layout.shard_dir, layout.tokenizer,
-                                                    evalc.lora_phase_docs), cpu=True)
+    ref = load_reference_module("r0427", record_env(preset, layout.shard_dir, layout.tokenizer, evalc.lora_phase_docs),
+                                cpu=True)
     ref.BOS_ID = cfg.bos_id
     h = ref.Hyperparameters()
     val = ref.ValidationData(h, device)
@@ -112,8 +102,6 @@ def main():
     def record_model():
         m = ref.GPT(h).float()
         m.load_state_dict(to_r0427(model.state_dict(), cfg))
-        for block in m.blocks:
-            block.mlp.use_fused = False  # the Triton MLP
         m.looping_active = True
         return m
 

@@ -4,10 +4,12 @@ The reference scripts are CUDA-only as shipped: they import FlashAttention 3 (r0
 variable-length kernel, and Triton for fused kernels), compile with inductor and call
 `torch.cuda.*`. Here, at run time and outside pgbuild's packages, FA3 is replaced by torch's SDPA
 (always: neither this machine nor the GPU machine has flash-attn), the variable-length kernel by
-one SDPA call per segment, Triton (when absent) by a module whose `jit` only returns the function
-(the scripts' Triton paths are then switched off: FUSED_CE_ENABLED=0 and eager MLPs) and, for a
-CPU run, `torch.compile` by the identity and the few `torch.cuda` calls that only time or report
-by no-ops, so the same code also runs on the CPU. Their configuration is environment
+one SDPA call per segment on the CPU and by flex_attention on a GPU (pgbuild's document-masked
+kernel, which the record's fullgraph compile traces), Triton (when absent) by a module whose `jit`
+only returns the function, and, for a CPU run, `torch.compile` by the identity and the few
+`torch.cuda` calls that only time, report or order streams by no-ops, so the same code also runs
+on the CPU. Where Triton cannot run (a CPU run, or no Triton) r0427's MLPs take their eager path;
+its fused cross-entropy is FUSED_CE_ENABLED, the caller's to set. Their configuration is environment
 variables read when the `Hyperparameters` class is created, so they are set around the load and
 restored afterwards.
 
@@ -22,6 +24,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from runtime.model import Documents, flex_document_attention
 
 REFERENCE = Path(__file__).resolve().parent.parent.parent / "shared" / "reference"
 
@@ -49,6 +53,17 @@ def sdpa_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     return torch.cat(pieces)
 
 
+def flex_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True,
+                                window_size=(-1, -1)):
+    """The same contract for compiled GPU code: the segments as one row of pgbuild's Documents,
+    attended through flex_attention. The per-segment stand-in reads the boundaries on the host,
+    which breaks the record's fullgraph compile; this one stays in the graph. The record passes
+    one cu_seqlens for queries and keys; its padding entries (= total) start no segment."""
+    total = q.size(0)
+    starts = torch.zeros(total + 1, dtype=torch.bool, device=q.device).index_fill_(0, cu_seqlens_q.long(), True)
+    return flex_document_attention(q[None], k[None], v[None], Documents(starts[None, :total]))[0]
+
+
 def _triton_stand_in():
     """`triton`, `triton.language` and `triton.tools.tensor_descriptor` for a machine without
     Triton: enough for the module to load (decorators, annotations); its kernels never run."""
@@ -69,9 +84,16 @@ def identity_compile(fn=None, **_options):
     return (lambda f: f) if fn is None else fn
 
 
+class _OneStream:
+    """A CUDA stream on the CPU: there is one queue, so waiting on another is a no-op."""
+
+    def wait_stream(self, other):
+        pass
+
+
 class _CudaOnCpu(types.ModuleType):
-    """`torch.cuda` for a CPU run: synchronizing is a no-op, memory peaks read 0, anything else
-    is torch.cuda's own."""
+    """`torch.cuda` for a CPU run: synchronizing is a no-op, memory peaks read 0, streams are
+    one queue (the record's optimizer steps on a side stream), anything else is torch.cuda's own."""
 
     def __init__(self):
         super().__init__("torch.cuda")
@@ -79,6 +101,9 @@ class _CudaOnCpu(types.ModuleType):
         self.max_memory_allocated = lambda device=None: 0
         self.max_memory_reserved = lambda device=None: 0
         self.empty_cache = lambda: None
+        self.Stream = _OneStream
+        self.current_stream = lambda device=None: _OneStream()
+        self.stream = lambda stream: contextlib.nullcontext()
 
     def __getattr__(self, name):
         return getattr(torch.cuda, name)
@@ -86,11 +111,13 @@ class _CudaOnCpu(types.ModuleType):
 
 def _torch_on_cpu():
     """The module's `torch` global for a CPU run: torch itself, but `compile` the identity (the
-    reference also calls it inside its training and eval functions) and `cuda` as above."""
+    reference also calls it inside its training and eval functions), `cuda` as above and `empty`
+    without pinned memory (r0427's loader pins its batches for the copy to the GPU)."""
     shim = types.ModuleType("torch")
     shim.__getattr__ = lambda name: getattr(torch, name)
     shim.compile = identity_compile
     shim.cuda = _CudaOnCpu()
+    shim.empty = lambda *size, pin_memory=False, **kwargs: torch.empty(*size, **kwargs)
     return shim
 
 
@@ -100,7 +127,7 @@ def _patched(env, cpu):
     saved_compile = torch.compile
     fa3 = types.ModuleType("flash_attn_interface")
     fa3.flash_attn_func = sdpa_flash_attn_func
-    fa3.flash_attn_varlen_func = sdpa_flash_attn_varlen_func
+    fa3.flash_attn_varlen_func = sdpa_flash_attn_varlen_func if cpu else flex_flash_attn_varlen_func
     stand_ins = {"flash_attn_interface": fa3}
     try:
         import triton  # noqa: F401  (the real one, where installed)
@@ -156,6 +183,21 @@ def load_reference_module(name, env=None, cpu=True, path=None):
     code = compile(_source(name, path), str(path), "exec")
     with _patched(env or {}, cpu):
         exec(code, module.__dict__)
+    if cpu or "triton" not in sys.modules:
+        _eager_mlps(module)
     if cpu:
         module.torch = _torch_on_cpu()
     return module
+
+
+def _eager_mlps(module):
+    """r0427's MLPs train through a Triton kernel, which needs Triton and a GPU: built from here
+    on, they take their own eager path (the same math, its forward when not training)."""
+    if not hasattr(module, "FusedLeakyReLUSquareMLP"):
+        return
+
+    class EagerMLP(module.MLP):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.use_fused = False
+    module.MLP = EagerMLP

@@ -146,3 +146,28 @@ def test_bad_input_is_one_error_line(demo_data, tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --parts: unknown part(s) bogus"
     proc = run_bench("--data", tmp_path / "missing", "--preset", "tiny")
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: ") and "does not exist" in proc.stderr
+
+
+class Rows(list):
+    def add(self, part, measurement, text, value=None, note=""):
+        self.append((measurement, value, note))
+
+
+def test_compiled_training_check_compares_every_gradient():
+    """The GPU run's check of the compiled training graph (flex_attention's backward on a GPU with
+    doc_mask; here inductor on the CPU, where the masked path is SDPA's): gradients equal eager's."""
+    import torch
+
+    from runtime.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, rope_dims=8,
+                      num_loops=0, parallel_residual_start=-1, xsa_last_n=0, doc_mask=True)
+    model = GPT(cfg)
+    x, y = torch.randint(2, 64, (2, 32)), torch.randint(0, 64, (2, 32))
+    x[0, 10] = 1  # a document starts inside the first row
+    rows = Rows()
+    bench.check_compiled_gradients(rows, model, x, y, torch.device("cpu"), "2 x 32 tokens")
+    (measurement, diff, note), = rows
+    assert measurement == "compiled vs eager training: |d grad| / |grad|" and 0 <= diff < 1e-5
+    assert note == "all parameters, fp32, 2 x 32 tokens"
+    assert all(p.grad is None for p in model.parameters())

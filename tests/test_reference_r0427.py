@@ -177,8 +177,6 @@ def test_training_loss_and_gradients_match_the_record(ref, setup):
     unfused eager path) and every gradient, mapped to pgbuild's tensors as the weights are."""
     _, val, model = setup
     record, gpt = copy.deepcopy(model).train(), pgbuild_model(setup).train()
-    for block in record.blocks:
-        block.mlp.use_fused = False  # the Triton MLP; its eager form is the reference
     start = int((val.val_tokens == BOS_ID).nonzero().flatten()[1]) - SEQ_LEN // 2
     ids = val.val_tokens[start:start + SEQ_LEN + 1].long()
     x, y = ids[:-1][None], ids[1:][None]
@@ -342,8 +340,6 @@ def test_phased_lora_ttt_in_the_records_order_matches_the_record(ref, setup, mon
 
     monkeypatch.setattr(ref, "BatchedTTTLoRA", SameInit)
     record = copy.deepcopy(model)
-    for block in record.blocks:
-        block.mlp.use_fused = False  # its phases train: the Triton MLP's eager path
     theirs = ref.eval_val_ttt_phased(h, record, torch.device("cpu"), phased, record.forward_ttt)[1]
     assert not upcoming
     counts = SidecarBytes(sidecar)
