@@ -42,11 +42,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as `python bench/gpu.py` without installing the project
     sys.path.insert(0, ROOT)
 
-import runtime.model as runtime_model  # noqa: E402
+import runtime.attention as runtime_attention  # noqa: E402
 from builder.config import apply_overrides  # noqa: E402
 from builder.presets import get_preset  # noqa: E402
 from builder.train.optim import schedule_at  # noqa: E402
-from builder.train.trainer import Trainer, setup_context  # noqa: E402
+from builder.train.trainer import Trainer, fused_loss_applies, setup_context  # noqa: E402
 from runtime.data import find_data, load_tokens  # noqa: E402
 from runtime.errors import PgError  # noqa: E402
 from runtime.evaluate import byte_tables, evaluate, trim_stream  # noqa: E402
@@ -475,11 +475,11 @@ def check_bf16(report, model, x, y, device, where):
 
 def check_flash(report, model, x, y, device, where):
     flash = mean_nll(model, x, y, device, True)
-    saved, runtime_model.flash_attn_func = runtime_model.flash_attn_func, None  # SDPA fallback
+    saved, runtime_attention.flash_attn_func = runtime_attention.flash_attn_func, None  # SDPA fallback
     try:
         sdpa = mean_nll(model, x, y, device, True)
     finally:
-        runtime_model.flash_attn_func = saved
+        runtime_attention.flash_attn_func = saved
     diff = (flash - sdpa).abs().max().item()
     report.add("check", "flash-attn vs SDPA: max |d mean NLL|", f"{diff:.2e} nats", diff, f"bf16, {where}")
 
@@ -519,8 +519,8 @@ def bench_checks(report, model, tokens, cfg, device, use_compile):
     x, y = check_batch(tokens, cfg.seq_len, 4, device)
     where = f"{x.size(0)} x {x.size(1)} val tokens, recurrence on"
     report.attempt("check", "bf16 vs fp32", lambda: check_bf16(report, model, x, y, device, where))
-    if runtime_model.flash_attn_func is None:
-        report.add("check", "flash-attn vs SDPA", "not installed", None, "runtime.model falls back to SDPA")
+    if runtime_attention.flash_attn_func is None:
+        report.add("check", "flash-attn vs SDPA", "not installed", None, "runtime.attention falls back to SDPA")
     elif device.type != "cuda":
         report.add("check", "flash-attn vs SDPA", "n/a", None, "flash-attn needs CUDA")
     else:
@@ -598,10 +598,12 @@ def run(args, report):
                  torch=torch.__version__, cuda=torch.version.cuda, device=name, peak_bf16_tflops=peak,
                  preset=args.preset, overrides=args.overrides, data=os.path.abspath(args.data),
                  command="python bench/gpu.py " + " ".join(sys.argv[1:]),
-                 flash_attn=runtime_model.flash_attn_func is not None)
+                 flash_attn=runtime_attention.flash_attn_func is not None,
+                 fused_loss=fused_loss_applies(preset, device))
     report.facts = facts
     report.add("run", "date, torch, device", f"{facts['date']}, torch {torch.__version__}, {name}", facts,
-               f"preset {args.preset}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
+               f"preset {args.preset}" + (f" with {' '.join(args.overrides)}" if args.overrides else "") +
+               f"; training loss: {'Triton fused' if facts['fused_loss'] else 'eager'}")
     model = None
     if "train" in parts:
         model = report.attempt("train", "setup", lambda: bench_training(report, preset, layout, ctx, args, peak))

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from runtime.model import Documents, flex_document_attention
+from runtime.attention import Documents, flex_document_attention
 
 REFERENCE = Path(__file__).resolve().parent.parent.parent / "shared" / "reference"
 

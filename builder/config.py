@@ -112,6 +112,11 @@ class TrainConfig(ConfigBase):
     compile_cpu: bool = False
     """Compile on the CPU too (inductor, C++ via gcc): tens of seconds per graph before the first
     step, which short CPU runs (the tiny preset, the tests) never earn back; off, the CPU runs eager."""
+    fused_loss: bool = True
+    """The softcapped cross-entropy as one Triton kernel each way (builder/train/kernels.py), as the
+    2026-04-27 record trains: the eager loss's math without its (tokens x vocab) fp32 capped
+    logits. Used where Triton and CUDA are present and the model caps its logits in fp32
+    (logit_softcap > 0, no record_precision); elsewhere the eager loss."""
     compile_backend: str = "inductor"
     """torch.compile backend; 'aot_eager' traces the same graphs (forward and backward) without
     generating code: seconds instead of minutes, for tests and for bisecting a compiler problem."""

@@ -14,6 +14,7 @@ import hashlib
 import importlib.abc
 import importlib.util
 import json
+import linecache
 import lzma
 import zipfile
 import zlib
@@ -43,7 +44,11 @@ class BundledSources(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None
 
     def exec_module(self, module):
-        exec(compile(self.sources[module.__name__], f"<{ARCHIVE}:{module.__name__}>", "exec"), module.__dict__)
+        name, source = f"<{ARCHIVE}:{module.__name__}>", self.sources[module.__name__]
+        # inspect.getsource reads linecache: Triton's kernels compile from their source text, and
+        # tracebacks show the lines.
+        linecache.cache[name] = (len(source), None, source.splitlines(True), name)
+        exec(compile(source, name, "exec"), module.__dict__)
 
 
 def main():

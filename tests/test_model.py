@@ -215,50 +215,12 @@ def test_documents_are_scored_as_if_alone():
         assert not torch.allclose(unmasked(ids), alone, atol=1e-3)
 
 
-def test_variable_length_attention_gets_each_documents_segment(monkeypatch):
-    """The FlashAttention varlen path (CUDA only) flattens the rows into one stream cut at every row
-    start and BOS; here it runs through the reference scripts' stand-in kernel (one causal SDPA
-    per segment, bench/reference.py) and must equal the masked SDPA path."""
-    from reference import sdpa_flash_attn_varlen_func
-
-    from runtime import model as runtime_model
-
-    ids = token_ids(2, 20)  # BOS at 0, 8, 16 in each row
-    docs = runtime_model.Documents.of_tokens(ids, bos_id=1)
-    cu_seqlens, longest = docs.segments()
-    assert cu_seqlens.tolist() == [0, 8, 16, 20, 28, 36, 40] and longest == 8
-    q, k, v = (torch.randn(2, 20, heads, 16, generator=torch.Generator().manual_seed(heads))
-               for heads in (4, 2, 2))
-    masked = runtime_model.causal_attention(q, k, v, docs)
-    monkeypatch.setattr(runtime_model, "flash_attn_varlen_func", sdpa_flash_attn_varlen_func)
-    monkeypatch.setattr(runtime_model, "_flash", lambda q: True)
-    assert torch.allclose(runtime_model.causal_attention(q, k, v, docs), masked, atol=1e-6)
-
-
-@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_attention_path_equals_the_masked_sdpa_path():
-    """Compiled GPU code attends within documents through flex_attention and its block mask; on
-    rows longer than one 128-token tile, with documents starting inside tiles and across them, it
-    must equal the dense masked SDPA path (the CPU runs flex_attention's forward only)."""
-    from runtime.model import Documents, causal_attention, flex_document_attention
-
-    ids = torch.randint(2, 50, (3, 300), generator=torch.Generator().manual_seed(0))
-    ids[0, [40, 128, 200]] = 1
-    ids[2, 7] = 1  # row 1: one document
-    docs = Documents.of_tokens(ids, bos_id=1)
-    q, k, v = (torch.randn(3, 300, heads, 16, generator=torch.Generator().manual_seed(heads))
-               for heads in (4, 2, 2))
-    masked = causal_attention(q, k, v, docs)
-    assert torch.allclose(flex_document_attention(q, k, v, docs), masked, atol=1e-5)
-    assert docs.block_mask().sparsity() > 0  # tiles above the diagonal and across documents skipped
-
-
 def test_packed_rows_cut_documents_every_max_len_tokens():
     """Documents(max_len): starts at the row's start, each BOS and every max_len tokens after a
     start, as the records pack many windows into one row; a model forward with max_doc_len masks
     attention there even without doc_mask. (SmearGate still reads the token before a cut that is
     no BOS, as the records' does in their packed rows.)"""
-    from runtime.model import Documents
+    from runtime.attention import Documents
 
     ids = torch.tensor([[5, 1, 6, 7, 8, 9, 1, 2, 3, 4, 5, 6, 7]])
     starts = Documents.of_tokens(ids, bos_id=1, max_len=3).starts[0].nonzero().flatten().tolist()

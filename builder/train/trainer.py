@@ -33,6 +33,11 @@ from runtime.errors import PgError
 from runtime.model import GPT
 from runtime.precision import autocast
 
+try:  # Triton's kernels of the loss: loaded wherever Triton is installed, used on CUDA (fused_loss_applies)
+    from builder.train.kernels import softcapped_cross_entropy
+except ImportError:
+    softcapped_cross_entropy = None
+
 
 class Context(Ranks):
     """Where this process runs: its device, and (from Ranks) its rank among `world`."""
@@ -104,6 +109,13 @@ class TrainResult:
     and every recompile: 2 with depth recurrence (plain and looped), 1 without; 0 when eager."""
 
 
+def fused_loss_applies(preset, device):
+    """Whether training takes train.fused_loss's Triton kernels (see its doc)."""
+    m = preset.model
+    return (preset.train.fused_loss and device.type == "cuda" and softcapped_cross_entropy is not None
+            and m.logit_softcap > 0 and not m.record_precision)
+
+
 class Trainer:
     """One model, its optimizers, weight averages and batches: `step` runs one optimizer step,
     `train` the whole loop against the step cap and the wallclock budget."""
@@ -121,6 +133,8 @@ class Trainer:
         # Before compiling, so that the compiled graph holds the fake-quant path and its gate.
         self.qat = LateQAT(self.model, preset.quant, cfg.qat_scale) if cfg.qat_threshold > 0 else None
         cuda = ctx.device.type == "cuda"
+        if fused_loss_applies(preset, ctx.device):
+            self.model.fused_loss = softcapped_cross_entropy
         self.forward, self.graphs = self.model, None
         if cfg.compile and (cuda or cfg.compile_cpu):
             self.forward, self.graphs = compile_training(self.model, cfg.compile_backend)
