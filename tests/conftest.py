@@ -54,6 +54,17 @@ def demo_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def caseops_data(tmp_path_factory):
+    """The fixture built with the 2026-04-27 record's CaseOps transform (tokenizer, shards and the
+    validation byte sidecar)."""
+    from builder.data.build import build_dataset
+
+    out = tmp_path_factory.mktemp("caseops_data")
+    build_dataset(FIXTURE, 1024, out, val_docs=VAL_DOCS, case_ops=True)
+    return out
+
+
+@pytest.fixture(scope="session")
 def packed(tmp_path_factory, demo_data):
     """(artifact path, train-and-pack's JSON summary) for a tiny model trained on the fixture."""
     out = tmp_path_factory.mktemp("artifact") / "artifact.py"

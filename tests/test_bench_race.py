@@ -7,10 +7,9 @@ import math
 
 import pytest
 import torch
-from conftest import FIXTURE, VAL_DOCS, load_bench_script, run_bench_script
+from conftest import load_bench_script, run_bench_script
 from oracle import REFERENCE, load_reference
 
-from builder.data.build import build_dataset
 from builder.presets import get_preset
 
 LOG = REFERENCE / "r0409_train_seed42.log"
@@ -25,16 +24,21 @@ def run_race(*args):
     return run_bench_script("race", *args)
 
 
+def raced(record, tmp_path_factory, *args):
+    """(table, --json payload) of a race against `record` that must finish."""
+    if not (REFERENCE / f"{record}_train_gpt.py").exists():
+        pytest.skip(f"{REFERENCE} is absent: the race needs the record's script")
+    out = tmp_path_factory.mktemp("race") / "race.json"
+    proc = run_race("--record", record, *args, "--json", out)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout, json.loads(out.read_text())
+
+
 @pytest.fixture(scope="module")
 def cpu_race(demo_data, tmp_path_factory):
     """The CPU defaults (preset tiny, 4 s of training each, 2048 validation tokens), with
     1024-token TTT chunks so that TTT trains between chunks."""
-    if not (REFERENCE / "r0409_train_gpt.py").exists():
-        pytest.skip(f"{REFERENCE} is absent: the race needs the record's script")
-    out = tmp_path_factory.mktemp("race") / "race.json"
-    proc = run_race("--data", demo_data, "--set", "eval.ttt_chunk_tokens=1024", "--json", out)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout, json.loads(out.read_text())
+    return raced("r0409", tmp_path_factory, "--data", demo_data, "--set", "eval.ttt_chunk_tokens=1024")
 
 
 def test_cpu_race_prints_one_table_with_both_sides(cpu_race):
@@ -145,22 +149,10 @@ def test_r0427_preset_maps_onto_the_records_logged_run():
 
 
 @pytest.fixture(scope="module")
-def caseops_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("race_caseops")
-    build_dataset(FIXTURE, 1024, out, val_docs=VAL_DOCS, case_ops=True)
-    return out
-
-
-@pytest.fixture(scope="module")
 def cpu_race_r0427(caseops_data, tmp_path_factory):
     """--record r0427 at the CPU defaults: tiny with r0427's switches on a CaseOps build, 4 s of
     training each, 4,096 validation tokens (one batch of the record's eval_val)."""
-    if not (REFERENCE / "r0427_train_gpt.py").exists():
-        pytest.skip(f"{REFERENCE} is absent: the race needs the record's script")
-    out = tmp_path_factory.mktemp("race_r0427") / "race.json"
-    proc = run_race("--data", caseops_data, "--record", "r0427", "--json", out)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout, json.loads(out.read_text())
+    return raced("r0427", tmp_path_factory, "--data", caseops_data)
 
 
 def test_cpu_race_against_r0427_trains_and_scores_the_same_thing(cpu_race_r0427):

@@ -17,12 +17,11 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import FIXTURE, VAL_DOCS, run_pgbuild
+from conftest import run_pgbuild
 from oracle import load_reference
 
 from builder.commands.main import main
 from builder.config import QuantConfig
-from builder.data.build import build_dataset
 from builder.train.importer import from_r0427
 from runtime.config import EvalConfig, ModelConfig
 from runtime.data import find_data, load_tokens
@@ -45,13 +44,6 @@ MODEL = ModelConfig(vocab_size=1024, num_layers=5, model_dim=64, num_heads=4, nu
                     qk_gain_init=5.0, loop_start=1, loop_end=2, num_loops=2, parallel_residual_start=3,
                     parallel_lanes=2, xsa_last_n=5, smear_gate=True, attn_gate="sparse", gate_window=12,
                     doc_mask=True)
-
-
-@pytest.fixture(scope="module")
-def caseops_data(tmp_path_factory):
-    out = tmp_path_factory.mktemp("r0427_data")
-    build_dataset(FIXTURE, 1024, out, val_docs=VAL_DOCS, case_ops=True)
-    return out
 
 
 @pytest.fixture(scope="module")
