@@ -182,7 +182,7 @@ def make_race_data(data, vocab, eval_tokens, seq_len, root, caseops):
     names the record's published CaseOps dataset uses): train shards and tokenizer linked, one
     validation shard holding the first eval_tokens (whole sequences) plus the final target, and
     with CaseOps the byte sidecar of those tokens, so that both sides score exactly that prefix.
-    Returns (the race's layout, the number of scored tokens)."""
+    Returns the number of scored tokens."""
     layout = find_data(data, vocab)
     if caseops and not layout.has_byte_sidecar():
         raise PgError(f"{data}: no byte sidecar; the r0427 race runs on a CaseOps build (pgbuild data build --caseops)")
@@ -204,7 +204,7 @@ def make_race_data(data, vocab, eval_tokens, seq_len, root, caseops):
     write_shard(os.path.join(shards, "fineweb_val_000000.bin"), tokens)
     if caseops:
         write_shard(os.path.join(shards, "fineweb_val_bytes_000000.bin"), load_tokens(layout, "val_bytes", len(tokens)))
-    return find_data(root, vocab), len(tokens) - 1
+    return len(tokens) - 1
 
 
 def sync(device):
@@ -393,7 +393,10 @@ class Record:
     eval_tokens: tuple
     """(GPU, CPU) default validation prefix."""
     env: callable
+    """(preset, data folder, warm-up steps) -> its script's environment variables; raises on a
+    preset its script cannot mirror."""
     run: callable
+    """(args, preset, device, result) -> runs the reference's side in this process."""
     caseops: bool = False
     """Its script scores CaseOps data (bits per original byte, from the byte sidecar)."""
     whole_batches: bool = False
@@ -554,8 +557,8 @@ def race(args):
                  warmup_steps=args.warmup_steps, command="python bench/race.py " + " ".join(sys.argv[1:]))
     sides, failures = {}, {}
     with tempfile.TemporaryDirectory(prefix="race-") as work:
-        _, facts["eval_tokens"] = make_race_data(args.data, preset.model.vocab_size, args.eval_tokens,
-                                                 preset.eval.seq_len, os.path.join(work, "data"), record.caseops)
+        facts["eval_tokens"] = make_race_data(args.data, preset.model.vocab_size, args.eval_tokens,
+                                              preset.eval.seq_len, os.path.join(work, "data"), record.caseops)
         try:
             run_race(args, preset, work, sides, failures, started)
         except (Interrupted, KeyboardInterrupt) as e:
