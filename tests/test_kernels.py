@@ -3,7 +3,7 @@
 No GPU here: the kernels run through Triton's interpreter (TRITON_INTERPRET=1, read when the
 kernels are defined, hence a fresh process) and are compiled for Hopper by Triton's own compiler,
 which needs no device, so a kernel the interpreter would forgive but the GPU's compiler rejects
-fails here too.
+fails here too; compiled both from the module and from the minified text an artifact carries.
 """
 
 import ast
@@ -76,15 +76,21 @@ def test_the_fused_loss_and_its_gradient_equal_the_eager_loss():
     assert worst["model"][0] < 1e-5 and worst["model"][1] < 1e-6
 
 
-@needs_triton
-@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
-def test_the_kernels_compile_for_hopper():
-    """Both kernels through Triton's compiler down to a cubin for sm_90 (an H100), bf16 logits."""
+COMPILE_FOR_HOPPER = textwrap.dedent("""
+    import linecache, sys, types
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from builder.train import kernels
+    if sys.argv[1] == "bundled":  # as an artifact carries it: minified, run from its text (templates/bootstrap.py)
+        from builder.artifact.sources import training_sources
+        source = training_sources()["builder.train.kernels"]
+        name = "<artifact.py:builder.train.kernels>"
+        linecache.cache[name] = (len(source), None, source.splitlines(True), name)
+        kernels = types.ModuleType("builder.train.kernels")
+        exec(compile(source, name, "exec"), kernels.__dict__)
+    else:
+        from builder.train import kernels
 
     pointers = {"x_ptr": "*bf16", "targets_ptr": "*i64", "lse_ptr": "*fp32"}
     scalars = {"x_row_stride": "i64", "vocab": "i32", "cap": "fp32", "TILE": "constexpr"}
@@ -94,11 +100,23 @@ def test_the_kernels_compile_for_hopper():
                                    "grad_row_stride": "i64", **scalars},
     }
     for kernel, signature in signatures.items():
-        names = kernel.arg_names
-        source = ASTSource(fn=kernel, signature={n: signature[n] for n in names},
+        source = ASTSource(fn=kernel, signature={n: signature[n] for n in kernel.arg_names},
                            constexprs={"TILE": kernels.VOCAB_TILE})
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
-        assert compiled.asm["cubin"], kernel
+        assert triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+    print("compiled", len(signatures))
+""")
+
+
+@needs_triton
+@pytest.mark.parametrize("form", ["installed", "bundled"])
+def test_the_kernels_compile_for_hopper(form):
+    """Both kernels through Triton's compiler down to a cubin for sm_90 (an H100), bf16 logits,
+    from the module as installed and as an artifact's training code carries it (a fresh process
+    each: the module registers its custom ops once)."""
+    env = {**os.environ, "TRITON_DEFAULT_FP_FUSION": "1"}
+    proc = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER, form], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "compiled 2", proc.stderr
 
 
 def test_the_trainer_takes_the_fused_loss_only_where_it_applies():
