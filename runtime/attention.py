@@ -91,8 +91,8 @@ def causal_attention(q, k, v, docs=None):
         return y.transpose(1, 2)
     # The variable-length kernel needs the segment boundaries as a host-known length, which a
     # static compiled graph cannot have: compiled GPU code takes flex_attention instead, whose
-    # kernel skips the tiles the mask empties. A dynamic graph (the LoRA mode's) keeps the dense
-    # mask: flex_attention over symbolic lengths is not proven here.
+    # kernel skips the tiles the mask empties. A dynamic graph (the LoRA mode's phases, on packed
+    # rows) keeps the dense mask: flex_attention over symbolic lengths is not proven here.
     if torch.compiler.is_compiling():
         if q.is_cuda and isinstance(q.size(1), int):
             return flex_document_attention(q, k, v, docs)
