@@ -63,7 +63,7 @@ class DataLayout:
         raises if there are none."""
         paths = sorted(glob.glob(os.path.join(self.shard_dir, f"fineweb_{split}_[0-9]*.bin")))
         if not paths:
-            how = "pgbuild data build --caseops" if split == "val_bytes" else \
+            how = "`pgbuild data build --caseops` or `pgbuild data download --caseops`" if split == "val_bytes" else \
                 "`pgbuild data build` or `pgbuild data download`"
             raise PgError(f"{self.shard_dir}: no fineweb_{split}_NNNNNN.bin shards; build them with {how}")
         return paths

@@ -19,7 +19,7 @@ from builder.commands.data import data
 from builder.data import download as download_mod
 from builder.data.build import build_dataset
 from builder.data.download import download
-from runtime.data import find_data, load_tokens
+from runtime.data import CASEOPS_SUFFIX, find_data, load_tokens
 from runtime.errors import PgError
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "demo_corpus.jsonl.xz")
@@ -134,7 +134,7 @@ def test_existing_files_are_skipped(hub, tmp_path):
 
 def test_unknown_variant_lists_available(hub, tmp_path):
     fetch, _ = hub
-    with pytest.raises(PgError, match=r"unknown variant 'sp8192'.*available: byte260, sp512.*kevclark"):
+    with pytest.raises(PgError, match=r"unknown variant 'sp8192'.*available: byte260, sp512.*--repo-id kevclark"):
         download(variant="sp8192", out_dir=str(tmp_path / "out"), repo_id=REPO, hub=fetch)
     assert not (tmp_path / "out").exists()
 
@@ -176,3 +176,64 @@ def test_cli_download(hub, tmp_path, monkeypatch):
     assert result.exit_code == 2 and result.stdout == ""
     assert result.stderr.splitlines() == [
         f"error: unknown variant 'sp999' in {REPO}; available: byte260, sp{VOCAB}"]
+
+
+CASEOPS = f"sp{VOCAB}{CASEOPS_SUFFIX}"
+
+
+@pytest.fixture(scope="module")
+def caseops_hub(tmp_path_factory):
+    """A fake hub laid out as the 2026-04-27 record's CaseOps repo: a real CaseOps build of the
+    fixture under the published names, byte sidecars next to the val shards."""
+    built = build_dataset(FIXTURE, VOCAB, tmp_path_factory.mktemp("caseops_src"), val_docs=20,
+                          shard_tokens=200_000, case_ops=True)
+    prefix = f"datasets/datasets/fineweb10B_{CASEOPS}"
+    shard_dir = os.path.dirname(built["shards_val"][0])
+    files = {f"{prefix}/{name}": open(os.path.join(shard_dir, name), "rb").read()
+             for name in os.listdir(shard_dir) if name.startswith("fineweb_")}
+    assert f"{prefix}/fineweb_val_bytes_000000.bin" in files
+    tok = f"tokenizers/fineweb_{VOCAB}_bpe{CASEOPS_SUFFIX}.model"
+    files["datasets/" + tok] = open(built["tokenizer"], "rb").read()
+    files["datasets/manifest.json"] = json.dumps({
+        "datasets": [{"name": f"fineweb10B_{CASEOPS}", "tokenizer_name": "caseops",
+                      "stats": {"files_val": len(built["shards_val"]), "files_train": len(built["shards_train"])}}],
+        "tokenizers": [{"name": "caseops", "model_path": tok, "text_transform": "lossless_caps_caseops_v1"}],
+    }).encode()
+    cache = str(tmp_path_factory.mktemp("caseops_cache"))
+    publish(cache, download_mod.PUBLISHED_IN["sp8192" + CASEOPS_SUFFIX], files)
+    return functools.partial(hf_hub_download, cache_dir=cache, local_files_only=True), files
+
+
+def test_caseops_download_brings_the_byte_sidecars(caseops_hub, tmp_path, monkeypatch):
+    fetch, files = caseops_hub
+    monkeypatch.setattr(download_mod, "hf_hub_download", fetch)
+    # sp512's CaseOps export is published nowhere; the record's repo is named explicitly.
+    repo = download_mod.PUBLISHED_IN["sp8192" + CASEOPS_SUFFIX]
+    result = CliRunner().invoke(data, ["download", "--variant", f"sp{VOCAB}", "--caseops", "--repo-id", repo,
+                                       "--train-shards", "1", "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["variant"], summary["files_val"], summary["files_val_bytes"]) == (CASEOPS, 1, 1)
+    for rel in local_files(tmp_path):
+        assert open(tmp_path / rel, "rb").read() == files["datasets/" + rel]
+    layout = find_data(str(tmp_path), vocab_size=VOCAB)
+    assert layout.shard_dir.endswith(f"fineweb10B_{CASEOPS}") and layout.has_byte_sidecar()
+    assert layout.tokenizer.endswith(f"fineweb_{VOCAB}_bpe{CASEOPS_SUFFIX}.model")
+    val, sidecar = load_tokens(layout, "val"), load_tokens(layout, "val_bytes")
+    assert val.shape == sidecar.shape and int(sidecar[val == 1].max()) == 0  # a BOS has no bytes
+
+
+def test_default_repo_is_where_the_variant_is_published():
+    assert download_mod.repo_for("sp8192") == "kevclark/parameter-golf"
+    assert download_mod.repo_for("sp8192" + CASEOPS_SUFFIX) == "romeerp/parameter-golf-caseops-v1"
+    assert download_mod.repo_for("sp1024") == download_mod.DEFAULT_REPO_ID
+
+
+def test_caseops_sidecar_missing_on_the_hub(caseops_hub, tmp_path):
+    _, files = caseops_hub
+    files = {k: v for k, v in files.items() if "val_bytes" not in k}
+    cache = str(tmp_path / "cache")
+    publish(cache, REPO, files)
+    fetch = functools.partial(hf_hub_download, cache_dir=cache, local_files_only=True)
+    with pytest.raises(PgError, match=f"cannot download datasets/datasets/fineweb10B_{CASEOPS}/fineweb_val_bytes_0"):
+        download(variant=CASEOPS, out_dir=str(tmp_path / "out"), repo_id=REPO, hub=fetch, train_shards=0)

@@ -13,6 +13,7 @@ from rich.table import Table
 from builder.commands.group import PgGroup
 from builder.data import build as dataset_mod
 from builder.data import download as download_mod
+from runtime.data import CASEOPS_SUFFIX
 
 STAGE_LABELS = {
     "scan": "checking documents",
@@ -103,17 +104,24 @@ def build(input_path, vocab_size, out_dir, val_docs, tokenizer_train_docs, shard
 @data.command("download", short_help="Fetch the challenge's pre-tokenized FineWeb shards.")
 @click.option("--variant", default="sp8192", show_default=True,
               help="Tokenization to fetch: the repo's fineweb10B_<VARIANT> dataset (sp1024, sp8192, byte260, ...).")
+@click.option("--caseops", is_flag=True,
+              help="The CaseOps export of VARIANT (fineweb10B_<VARIANT>" + CASEOPS_SUFFIX + ", the 2026-04-27 "
+                   "record's data), with the fineweb_val_bytes_NNNNNN.bin sidecars that evaluation counts.")
 @click.option("--train-shards", default=80, show_default=True, type=int,
               help="Download the first N train shards (all val shards always come).")
 @click.option("--out", "out_dir", default="data", show_default=True, metavar="DIR",
               help="Destination; files land in DIR/datasets/fineweb10B_<VARIANT>/ and DIR/tokenizers/.")
-@click.option("--repo-id", default=download_mod.DEFAULT_REPO_ID, show_default=True,
-              help="Hugging Face dataset repo holding manifest.json and the shards.")
+@click.option("--repo-id", default=None, metavar="OWNER/NAME",
+              help="Hugging Face dataset repo holding manifest.json and the shards. Default: where the variant "
+                   "is published (" + ", ".join(f"{v}: {r}" for v, r in download_mod.PUBLISHED_IN.items()) +
+                   f"; others: {download_mod.DEFAULT_REPO_ID}).")
 @click.option("--remote-root", default=download_mod.DEFAULT_REMOTE_ROOT, show_default=True,
               help="Folder inside the repo that holds manifest.json, datasets/ and tokenizers/.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
-def download(variant, train_shards, out_dir, repo_id, remote_root, as_json):
+def download(variant, caseops, train_shards, out_dir, repo_id, remote_root, as_json):
     """Fetch the challenge's pre-tokenized FineWeb shards and tokenizer from the hub."""
+    if caseops and not variant.endswith(CASEOPS_SUFFIX):
+        variant += CASEOPS_SUFFIX
     # The hub client's own per-file bars would fight with rich's display, and its warnings
     # would repeat, less clearly, the one error line we print.
     disable_progress_bars()
@@ -123,6 +131,8 @@ def download(variant, train_shards, out_dir, repo_id, remote_root, as_json):
                                   repo_id=repo_id, remote_root=remote_root, progress=report)
     table = _split_table(f"{variant} shards", "files")
     table.add_row("val", str(s["files_val"]))
+    if s["files_val_bytes"]:
+        table.add_row("val bytes", str(s["files_val_bytes"]))
     table.add_row("train", str(s["files_train"]))
     notes = [("source", s["repo_id"]), ("shards", s["dataset_dir"]), ("tokenizer", s["tokenizer"]),
              ("files", f"{s['downloaded']} downloaded, {s['skipped']} already present")]

@@ -23,9 +23,12 @@ Manifest schema assumed, at `{remote_root}/manifest.json` in the dataset repo:
     }
 
 With counts, shards are named `fineweb_{val,train}_{i:06d}.bin` from i = 0 and live under
-`{remote_root}/datasets/<dataset name>/`. A file at `{remote_root}/X` lands at `{out_dir}/X`,
-which gives the challenge's local layout (`out_dir/datasets/fineweb10B_<variant>/`,
-`out_dir/tokenizers/`, `out_dir/manifest.json`) that `runtime.data.find_data` understands.
+`{remote_root}/datasets/<dataset name>/`. A CaseOps dataset (its name ends in CASEOPS_SUFFIX) also
+has one `fineweb_val_bytes_*.bin` sidecar per validation shard, the original text's bytes of each
+token, which scoring in bits per original byte needs; they come with the val shards.
+A file at `{remote_root}/X` lands at `{out_dir}/X`, which gives the challenge's local layout
+(`out_dir/datasets/fineweb10B_<variant>/`, `out_dir/tokenizers/`, `out_dir/manifest.json`) that
+`runtime.data.find_data` understands.
 """
 
 import json
@@ -35,14 +38,23 @@ import shutil
 
 from huggingface_hub import hf_hub_download
 
+from runtime.data import CASEOPS_SUFFIX
 from runtime.errors import PgError
 from runtime.files import atomic_path
 
 DEFAULT_REPO_ID = "willdepueoai/parameter-golf"
 DEFAULT_REMOTE_ROOT = "datasets"
 DATASET_PREFIX = "fineweb10B_"
-# The default repo predates SP8192; name where it lives so the "unknown variant" error can say so.
-KNOWN_ELSEWHERE = {"sp8192": "kevclark/parameter-golf"}
+PUBLISHED_IN = {
+    "sp8192": "kevclark/parameter-golf",  # the challenge's own repo predates SP8192
+    "sp8192" + CASEOPS_SUFFIX: "romeerp/parameter-golf-caseops-v1",  # the 2026-04-27 record's data
+}
+"""The dataset repo of each variant that is not in DEFAULT_REPO_ID."""
+
+
+def repo_for(variant):
+    """The dataset repo that publishes `variant`, the default of --repo-id."""
+    return PUBLISHED_IN.get(variant, DEFAULT_REPO_ID)
 
 
 def _remote(remote_root, rel):
@@ -101,8 +113,8 @@ def _find_entries(manifest, variant, repo_id):
     if dataset is None:
         have = sorted(str(d.get("name", ""))[len(DATASET_PREFIX):] for d in datasets
                       if str(d.get("name", "")).startswith(DATASET_PREFIX))
-        hint = f" ({variant} is published in {KNOWN_ELSEWHERE[variant]}: pass --repo-id)" \
-            if variant in KNOWN_ELSEWHERE and KNOWN_ELSEWHERE[variant] != repo_id else ""
+        home = PUBLISHED_IN.get(variant)
+        hint = f" ({variant} is published in {home}: pass --repo-id {home})" if home not in (None, repo_id) else ""
         raise PgError(f"unknown variant {variant!r} in {repo_id}; available: "
                       f"{', '.join(have) or 'none'}{hint}")
     tok_name = dataset.get("tokenizer_name")
@@ -115,7 +127,8 @@ def _find_entries(manifest, variant, repo_id):
 
 
 def _plan(dataset, tokenizer, train_shards, variant):
-    """The repo-relative files to fetch: all val shards, the first N train shards, the tokenizer."""
+    """The repo-relative files to fetch, by kind: "val" shards (all), "val_bytes" (a CaseOps
+    dataset's byte sidecar of each val shard, else none), "train" (the first N) and "tokenizer"."""
     name = dataset["name"]
     stats = dataset.get("stats") or {}
     val = _shard_names(stats, "val", name)
@@ -123,13 +136,17 @@ def _plan(dataset, tokenizer, train_shards, variant):
     if train_shards > len(train):
         raise PgError(f"{variant} has only {len(train)} train shards; "
                       f"lower --train-shards (asked for {train_shards})")
+    sidecar = lambda v: posixpath.join(  # noqa: E731
+        posixpath.dirname(v), posixpath.basename(v).replace("fineweb_val_", "fineweb_val_bytes_", 1))
+    sidecars = [sidecar(v) for v in val] if name.endswith(CASEOPS_SUFFIX) else []
     tok_files = [_safe_rel(tokenizer[k], "tokenizer") for k in ("model_path", "vocab_path", "path")
                  if tokenizer.get(k)]
     if not tok_files:
         raise PgError(f"manifest.json: tokenizer {tokenizer.get('name')!r} lists no files; "
                       f"the manifest is broken")
-    shards = [posixpath.join("datasets", name, s) for s in val + train[:train_shards]]
-    return shards + tok_files, len(val)
+    in_dataset = lambda names: [posixpath.join("datasets", name, n) for n in names]  # noqa: E731
+    return {"val": in_dataset(val), "val_bytes": in_dataset(sidecars), "train": in_dataset(train[:train_shards]),
+            "tokenizer": tok_files}
 
 
 def _load_manifest(hub, repo_id, remote_root):
@@ -150,9 +167,10 @@ def _load_manifest(hub, repo_id, remote_root):
     return manifest, cached
 
 
-def download(variant="sp8192", train_shards=80, out_dir="data", repo_id=DEFAULT_REPO_ID,
+def download(variant="sp8192", train_shards=80, out_dir="data", repo_id=None,
              remote_root=DEFAULT_REMOTE_ROOT, hub=None, progress=None):
-    """Download one variant's val shards, first `train_shards` train shards and tokenizer.
+    """Download one variant's val shards (with their byte sidecars for CaseOps), first
+    `train_shards` train shards and tokenizer, from `repo_id` (default: `repo_for(variant)`).
 
     `hub` fetches one file and returns its local path, with hf_hub_download's keyword arguments
     (repo_id, filename, repo_type); it defaults to hf_hub_download itself. Files already in
@@ -160,12 +178,14 @@ def download(variant="sp8192", train_shards=80, out_dir="data", repo_id=DEFAULT_
     Returns a summary dict.
     """
     hub = hub or hf_hub_download
+    repo_id = repo_id or repo_for(variant)
     out_dir = os.fspath(out_dir)
     if train_shards < 0:
         raise PgError(f"--train-shards must be 0 or more (got {train_shards})")
     manifest, cached = _load_manifest(hub, repo_id, remote_root)
     dataset, tokenizer = _find_entries(manifest, variant, repo_id)
-    files, n_val = _plan(dataset, tokenizer, train_shards, variant)
+    plan = _plan(dataset, tokenizer, train_shards, variant)
+    files = [rel for kind in ("val", "val_bytes", "train", "tokenizer") for rel in plan[kind]]
 
     # Only now touch out_dir, so a wrong variant or repo leaves nothing behind.
     try:
@@ -187,15 +207,15 @@ def download(variant="sp8192", train_shards=80, out_dir="data", repo_id=DEFAULT_
             fetched += 1
         report("download", i, len(files))
 
-    tok_files = files[n_val + train_shards:]
     return {
         "variant": variant,
         "repo_id": repo_id,
         "out_dir": out_dir,
         "dataset_dir": os.path.join(out_dir, "datasets", dataset["name"]),
-        "tokenizer": os.path.join(out_dir, *tok_files[0].split("/")),
+        "tokenizer": os.path.join(out_dir, *plan["tokenizer"][0].split("/")),
         "manifest": manifest_path,
-        "files_val": n_val,
+        "files_val": len(plan["val"]),
+        "files_val_bytes": len(plan["val_bytes"]),
         "files_train": train_shards,
         "downloaded": fetched,
         "skipped": skipped,
