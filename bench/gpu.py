@@ -13,7 +13,8 @@
    forward, TTT training on up to 32 full sequences per forward, scoring and training never
    overlapping). On GPU each variant runs once untimed and once timed on the same copy of the
    weights (restored in between), so compiling every batch shape stays out of the figure.
-3. Numerical checks: bf16 autocast vs fp32 NLL, flash-attn vs SDPA, compiled vs eager logits.
+3. Numerical checks: bf16 autocast vs fp32 NLL, flash-attn vs SDPA, compiled vs eager logits and
+   training gradients; the Triton fused MLP against the compiled MLP (time and gradients).
 
 Runs on CPU too (`--preset tiny --steps 4 --eval-tokens 2000`), which is how it is tested; there
 MFU and the record ratios read n/a and compilation is off unless `--compile on`.
@@ -46,7 +47,7 @@ import runtime.attention as runtime_attention  # noqa: E402
 from builder.config import apply_overrides  # noqa: E402
 from builder.presets import get_preset  # noqa: E402
 from builder.train.optim import schedule_at  # noqa: E402
-from builder.train.trainer import Trainer, fused_loss_applies, setup_context  # noqa: E402
+from builder.train.trainer import Trainer, fused_kernels, setup_context  # noqa: E402
 from runtime.data import find_data, load_tokens  # noqa: E402
 from runtime.errors import PgError  # noqa: E402
 from runtime.evaluate import byte_tables, evaluate, trim_stream  # noqa: E402
@@ -514,7 +515,45 @@ def check_compiled_gradients(report, model, x, y, device, where):
                f"all parameters, {precision}, {where}")
 
 
-def bench_checks(report, model, tokens, cfg, device, use_compile):
+def eager_mlp(x, fc, proj, slope):
+    return F.linear(F.leaky_relu(F.linear(x, fc), slope).square(), proj)
+
+
+def check_fused_mlp(report, preset, device, fused_mlp, tokens=98_304, repeats=20, backend="inductor"):
+    """One MLP at the record's per-GPU micro-batch, forward and backward in bf16: train.fused_mlp's
+    Triton kernels against the model's MLP compiled with `backend` (inductor: cuBLAS matmuls and
+    a fused activation), time and gradients."""
+    m = preset.model
+    slope = m.leaky_relu_slope if m.mlp_activation == "leaky_relu2" else 0.0
+    gen = torch.Generator(device=device).manual_seed(0)
+    make = lambda *shape, scale=1.0: (scale * torch.randn(*shape, generator=gen, device=device)).bfloat16()  # noqa: E731
+    x, g = make(tokens, m.model_dim), make(tokens, m.model_dim)
+    fc, proj = make(m.mlp_dim, m.model_dim, scale=m.model_dim ** -0.5), make(m.model_dim, m.mlp_dim, scale=0.02)
+    results, compiled = {}, torch.compile(eager_mlp, backend=backend, fullgraph=True, dynamic=False)
+    for name, fn in (("fused", fused_mlp), ("compiled", compiled)):
+        leaves = [t.clone().requires_grad_() for t in (x, fc, proj)]
+
+        def step():
+            return torch.autograd.grad(fn(*leaves, slope), leaves, g)
+        for _ in range(3):
+            step()
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            grads = step()
+        sync(device)
+        results[name] = ((time.perf_counter() - start) / repeats * 1e3, torch.cat([t.flatten().float() for t in grads]))
+    (fused_ms, fused_grads), (compiled_ms, compiled_grads) = results["fused"], results["compiled"]
+    diff = ((fused_grads - compiled_grads).norm() / compiled_grads.norm()).item()
+    report.add("check", "fused MLP vs compiled MLP: ms per forward+backward, |d grad| / |grad|",
+               f"{fused_ms:.2f} vs {compiled_ms:.2f} ms ({compiled_ms / fused_ms:.2f}x), {diff:.1e}",
+               dict(fused_ms=fused_ms, compiled_ms=compiled_ms, grad_diff=diff),
+               f"{tokens:,} tokens x {m.model_dim} -> {m.mlp_dim}, bf16; under 1x, train with "
+               "--set train.fused_mlp=false")
+
+
+def bench_checks(report, model, tokens, preset, device, use_compile):
+    cfg = preset.eval
     model.eval()
     x, y = check_batch(tokens, cfg.seq_len, 4, device)
     where = f"{x.size(0)} x {x.size(1)} val tokens, recurrence on"
@@ -532,6 +571,11 @@ def bench_checks(report, model, tokens, cfg, device, use_compile):
     else:
         report.add("check", "compiled vs eager", "skipped", None,
                    "compilation off (CPU default; --compile on forces it)")
+    fused_mlp = fused_kernels(preset, device)["mlp"]
+    if fused_mlp is None:
+        report.add("check", "fused MLP vs compiled MLP", "n/a", None, "train.fused_mlp applies on CUDA with Triton")
+    else:
+        report.attempt("check", "fused MLP vs compiled MLP", lambda: check_fused_mlp(report, preset, device, fused_mlp))
 
 
 # ----------------------------------------------------------------------------- main
@@ -599,11 +643,12 @@ def run(args, report):
                  preset=args.preset, overrides=args.overrides, data=os.path.abspath(args.data),
                  command="python bench/gpu.py " + " ".join(sys.argv[1:]),
                  flash_attn=runtime_attention.flash_attn_func is not None,
-                 fused_loss=fused_loss_applies(preset, device))
+                 **{f"fused_{part}": fn is not None for part, fn in fused_kernels(preset, device).items()})
     report.facts = facts
     report.add("run", "date, torch, device", f"{facts['date']}, torch {torch.__version__}, {name}", facts,
                f"preset {args.preset}" + (f" with {' '.join(args.overrides)}" if args.overrides else "") +
-               f"; training loss: {'Triton fused' if facts['fused_loss'] else 'eager'}")
+               "; training loss, MLP: " + ", ".join("Triton fused" if facts[k] else "eager"
+                                                    for k in ("fused_loss", "fused_mlp")))
     model = None
     if "train" in parts:
         model = report.attempt("train", "setup", lambda: bench_training(report, preset, layout, ctx, args, peak))
@@ -618,7 +663,7 @@ def run(args, report):
         weights = "freshly initialized"
     report.add("run", "weights for eval/checks", weights, None, "speed does not depend on them; bpb does")
     if "checks" in parts:
-        bench_checks(report, model, tokens, preset.eval, device, use_compile)
+        bench_checks(report, model, tokens, preset, device, use_compile)
     if "eval" in parts:
         bench_eval(report, model, tokens, tables, preset.eval, device, use_compile, bytes_note)
     return facts

@@ -113,10 +113,15 @@ class TrainConfig(ConfigBase):
     """Compile on the CPU too (inductor, C++ via gcc): tens of seconds per graph before the first
     step, which short CPU runs (the tiny preset, the tests) never earn back; off, the CPU runs eager."""
     fused_loss: bool = True
-    """The softcapped cross-entropy as one Triton kernel each way (builder/train/kernels.py), as the
-    2026-04-27 record trains: the eager loss's math without its (tokens x vocab) fp32 capped
+    """The softcapped cross-entropy as one Triton kernel each way (builder/train/fused_loss.py), as
+    the 2026-04-27 record trains: the eager loss's math without its (tokens x vocab) fp32 capped
     logits. Used where Triton and CUDA are present and the model caps its logits in fp32
     (logit_softcap > 0, no record_precision); elsewhere the eager loss."""
+    fused_mlp: bool = True
+    """The MLP's up-projection with its LeakyReLU² (or relu²) in the matmul's epilogue, one Triton
+    kernel each way (builder/train/fused_mlp.py), as the 2026-04-27 record trains. Used where
+    Triton and CUDA are present, for those activations, without late QAT (whose fake-quant
+    weights it would bypass) or record_precision; elsewhere the model's own MLP."""
     compile_backend: str = "inductor"
     """torch.compile backend; 'aot_eager' traces the same graphs (forward and backward) without
     generating code: seconds instead of minutes, for tests and for bisecting a compiler problem."""

@@ -156,8 +156,13 @@ class MLP(nn.Module):
         self.proj = nn.Linear(cfg.mlp_dim, cfg.model_dim, bias=False)
         self.act = cfg.mlp_activation
         self.slope = cfg.leaky_relu_slope if self.act == "leaky_relu2" else 0.0  # relu2 is slope 0
+        # Training's MLP through a fused kernel (GPT.use_fused_kernels; builder/train/fused_mlp.py
+        # on a GPU): fn(x, fc weight, proj weight, slope) -> this forward's output, its math.
+        self.fused = None
 
     def forward(self, x):
+        if self.fused is not None and self.training:
+            return self.fused(x, self.fc.weight, self.proj.weight, self.slope)
         h = self.fc(x)
         return self.proj(F.gelu(h) if self.act == "gelu" else F.leaky_relu(h, self.slope).square())
 
@@ -237,10 +242,18 @@ class GPT(nn.Module):
         self.final_norm = RMSNorm()  # a module so calibration can hook the head's input
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
         self.looping = True  # training turns recurrence on part-way; evaluation always loops
-        # The training loss through a fused kernel (builder/train/kernels.py sets it on a GPU):
-        # fn(pre-cap logits (N, V), targets (N,), cap) -> mean loss, the eager loss's math.
+        # The training loss through a fused kernel (use_fused_kernels; builder/train/fused_loss.py
+        # on a GPU): fn(pre-cap logits (N, V), targets (N,), cap) -> mean loss, the eager loss's math.
         self.fused_loss = None
         self.apply_precision()
+
+    def use_fused_kernels(self, loss=None, mlp=None):
+        """Route the mean training loss through `loss` and every MLP's training forward through
+        `mlp` (see their attributes above); None restores the model's own code."""
+        self.fused_loss = loss
+        for block in self.blocks:
+            block.mlp.fused = mlp
+        return self
 
     def apply_precision(self):
         """With cfg.record_precision, the record's bf16 token embedding and rotary tables (call it

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 from conftest import ROOT, load_bench_script, run_bench_script
+from triton_checks import needs_triton, run_interpreted
 
 from builder.presets import get_preset
 from runtime.model import GPT
@@ -171,3 +172,30 @@ def test_compiled_training_check_compares_every_gradient():
     assert measurement == "compiled vs eager training: |d grad| / |grad|" and 0 <= diff < 1e-5
     assert note == "all parameters, fp32, 2 x 32 tokens"
     assert all(p.grad is None for p in model.parameters())
+
+
+FUSED_MLP_CHECK = """
+    import sys
+    import torch
+    sys.path.insert(0, "bench")
+    import gpu as bench
+    from builder.presets import get_preset
+    from builder.train.fused_mlp import fused_mlp
+
+    rows = []
+    report = type("Rows", (), {"add": lambda self, *row: rows.append(row[1:])})()
+    bench.check_fused_mlp(report, get_preset("tiny"), torch.device("cpu"), fused_mlp, tokens=300, repeats=1,
+                          backend="aot_eager")
+    (measurement, _, values, note), = rows
+    print({"measurement": measurement, "note": note, **values})
+"""
+
+
+@needs_triton
+def test_fused_mlp_check_times_both_and_compares_gradients():
+    """The GPU run's fused-MLP check, run here through Triton's interpreter (the compiled MLP traced
+    by aot_eager): both sides timed, bf16 gradients within a few roundings of each other."""
+    row = run_interpreted(FUSED_MLP_CHECK)
+    assert row["measurement"] == "fused MLP vs compiled MLP: ms per forward+backward, |d grad| / |grad|"
+    assert row["fused_ms"] > 0 and row["compiled_ms"] > 0 and 0 <= row["grad_diff"] < 1e-3
+    assert row["note"].startswith("300 tokens x ")

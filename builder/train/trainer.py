@@ -33,10 +33,11 @@ from runtime.errors import PgError
 from runtime.model import GPT
 from runtime.precision import autocast
 
-try:  # Triton's kernels of the loss: loaded wherever Triton is installed, used on CUDA (fused_loss_applies)
-    from builder.train.kernels import softcapped_cross_entropy
+try:  # Triton's kernels: loaded wherever Triton is installed, used on CUDA (fused_kernels)
+    from builder.train.fused_loss import softcapped_cross_entropy
+    from builder.train.fused_mlp import fused_mlp
 except ImportError:
-    softcapped_cross_entropy = None
+    softcapped_cross_entropy = fused_mlp = None
 
 
 class Context(Ranks):
@@ -109,11 +110,14 @@ class TrainResult:
     and every recompile: 2 with depth recurrence (plain and looped), 1 without; 0 when eager."""
 
 
-def fused_loss_applies(preset, device):
-    """Whether training takes train.fused_loss's Triton kernels (see its doc)."""
-    m = preset.model
-    return (preset.train.fused_loss and device.type == "cuda" and softcapped_cross_entropy is not None
-            and m.logit_softcap > 0 and not m.record_precision)
+def fused_kernels(preset, device):
+    """The Triton kernels training takes, as GPT.use_fused_kernels' arguments: those of
+    train.fused_loss and train.fused_mlp where they apply (see their docs), else None."""
+    m, t = preset.model, preset.train
+    triton_gpu = device.type == "cuda" and fused_mlp is not None and not m.record_precision
+    loss = triton_gpu and t.fused_loss and m.logit_softcap > 0
+    mlp = triton_gpu and t.fused_mlp and m.mlp_activation in ("relu2", "leaky_relu2") and t.qat_threshold == 0
+    return {"loss": softcapped_cross_entropy if loss else None, "mlp": fused_mlp if mlp else None}
 
 
 class Trainer:
@@ -133,8 +137,7 @@ class Trainer:
         # Before compiling, so that the compiled graph holds the fake-quant path and its gate.
         self.qat = LateQAT(self.model, preset.quant, cfg.qat_scale) if cfg.qat_threshold > 0 else None
         cuda = ctx.device.type == "cuda"
-        if fused_loss_applies(preset, ctx.device):
-            self.model.fused_loss = softcapped_cross_entropy
+        self.model.use_fused_kernels(**fused_kernels(preset, ctx.device))
         self.forward, self.graphs = self.model, None
         if cfg.compile and (cuda or cfg.compile_cpu):
             self.forward, self.graphs = compile_training(self.model, cfg.compile_backend)
@@ -242,9 +245,11 @@ class Trainer:
             self.qat.enable(bool(state["qat"]))
 
     def finish(self):
-        """Plain layers, the final averaged weights loaded, looping on (as evaluated)."""
+        """Plain layers and the model's own code, the final averaged weights loaded, looping on
+        (as evaluated)."""
         if self.qat is not None:
             self.qat.remove()
+        self.model.use_fused_kernels()
         self.averages.load_final_into(self.model)
         self.model.looping = True
 

@@ -7,7 +7,7 @@ the forward reads the bf16 pre-cap logits x once per row, keeps a running maximu
 exp(z) over vocabulary tiles, and writes two floats per token: the loss (logsumexp(z) - z[target])
 and the logsumexp. The backward reads x again and writes dL/dx = g * (softmax(z) - onehot(target))
 * (1 - (z / c)^2), recomputing z and softmax(z) from x and the logsumexp. Same math as the eager
-loss (tests/test_kernels.py compares both ways, through Triton's interpreter on the CPU).
+loss (tests/test_fused_loss.py compares both ways, through Triton's interpreter on the CPU).
 
 Both kernels are torch custom ops, so a fullgraph torch.compile of the model traces them as single
 nodes. The trainer uses them where Triton and CUDA are present (`train.fused_loss`); this module
