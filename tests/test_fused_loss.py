@@ -1,15 +1,8 @@
 """builder/train/fused_loss.py: the Triton softcapped cross-entropy against the eager loss, through
 Triton's interpreter and compiled for an H100 (tests/triton_checks.py: no GPU needed)."""
 
-import dataclasses
-import importlib.util
-
 import pytest
-import torch
 from triton_checks import HOPPER_SHARED_MEMORY, compile_for_hopper, needs_triton, run_interpreted
-
-from builder.presets import get_preset
-from builder.train.trainer import fused_kernels
 
 INTERPRETED = """
     import copy
@@ -81,15 +74,3 @@ def test_the_kernels_compile_for_hopper(form):
     assert VOCAB_TILE == KERNELS[0]["constexprs"]["TILE"]
     shared = compile_for_hopper("builder.train.fused_loss", form, KERNELS)
     assert len(shared) == 2 and max(shared) <= HOPPER_SHARED_MEMORY
-
-
-def test_the_trainer_takes_the_fused_loss_only_where_it_applies():
-    preset = get_preset("r0427")
-    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    takes = lambda p, device=cuda: fused_kernels(p, device)["loss"] is not None  # noqa: E731
-    assert not takes(preset, cpu)
-    with_model = lambda **kw: dataclasses.replace(preset, model=dataclasses.replace(preset.model, **kw))  # noqa: E731
-    assert not takes(with_model(record_precision=True))  # it caps in bf16
-    assert not takes(with_model(logit_softcap=0.0))
-    assert not takes(dataclasses.replace(preset, train=dataclasses.replace(preset.train, fused_loss=False)))
-    assert takes(preset) == (importlib.util.find_spec("triton") is not None)

@@ -1,15 +1,8 @@
 """builder/train/fused_mlp.py: the MLP with its activation in the matmul's epilogue against the
 model's own MLP, through Triton's interpreter and compiled for an H100 (tests/triton_checks.py)."""
 
-import dataclasses
-import importlib.util
-
 import pytest
-import torch
 from triton_checks import HOPPER_SHARED_MEMORY, compile_for_hopper, needs_triton, run_interpreted
-
-from builder.presets import get_preset
-from builder.train.trainer import fused_kernels
 
 INTERPRETED = """
     import copy
@@ -80,35 +73,28 @@ def test_the_fused_mlp_and_its_gradients_equal_the_eager_mlp():
 
 
 def kernel_spec(forward):
+    """The kernel as the JIT specializes it for the MLP: contiguous activations (stride 1 along K),
+    W1ᵀ read down its columns in the forward, W2 along its rows in the backward; the model's
+    sizes and pointers divisible by 16."""
     from builder.train import fused_mlp as m
 
-    ints = {name: "i32" for name in ("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn")}
-    pointers = {name: "*bf16" for name in ("a_ptr", "b_ptr", "out_ptr", "pre_ptr")}
-    return {"name": "_matmul_leaky_relu2_kernel", "signature": {**pointers, **ints, "slope": "fp32"},
+    unit_strides = {"stride_ak": 1, "stride_bk": 1} if forward else {"stride_ak": 1, "stride_bn": 1}
+    ints = [n for n in ("M", "N", "K", "stride_am", "stride_ak", "stride_bk", "stride_bn") if n not in unit_strides]
+    pointers = ["a_ptr", "b_ptr", "out_ptr", "pre_ptr"]
+    return {"name": "_matmul_leaky_relu2_kernel",
+            "signature": {**{n: "*bf16" for n in pointers}, **{n: "i32" for n in ints}, "slope": "fp32"},
             "constexprs": {"FORWARD": forward, "IEEE": False, "BLOCK_M": m.BLOCK_M, "BLOCK_N": m.BLOCK_N,
-                           "BLOCK_K": m.BLOCK_K, "GROUP_M": m.GROUP_M},
-            "options": {"num_warps": m.NUM_WARPS, "num_stages": m.NUM_STAGES}}
+                           "BLOCK_K": m.BLOCK_K, "GROUP_M": m.GROUP_M, **unit_strides},
+            "divisible_by_16": pointers + ints, "options": {"num_warps": m.NUM_WARPS, "num_stages": m.NUM_STAGES}}
 
 
 @needs_triton
 @pytest.mark.parametrize("form", ["installed", "bundled"])
 def test_the_kernel_compiles_for_hopper_within_its_shared_memory(form):
     """Forward and backward variants, bf16, at the module's tile sizes and stages: down to a cubin
-    for sm_90, each asking no more shared memory than an H100 block has."""
+    for sm_90, operand tiles prefetched NUM_STAGES deep in shared memory, within an H100 block's."""
+    from builder.train import fused_mlp as m
+
     shared = compile_for_hopper("builder.train.fused_mlp", form, [kernel_spec(True), kernel_spec(False)])
-    assert len(shared) == 2 and 0 < max(shared) <= HOPPER_SHARED_MEMORY
-
-
-def test_the_trainer_takes_the_fused_mlp_only_where_it_applies():
-    preset = get_preset("r0427")
-    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    takes = lambda p, device=cuda: fused_kernels(p, device)["mlp"] is not None  # noqa: E731
-    assert not takes(preset, cpu)
-    with_model = lambda **kw: dataclasses.replace(preset, model=dataclasses.replace(preset.model, **kw))  # noqa: E731
-    with_train = lambda **kw: dataclasses.replace(preset, train=dataclasses.replace(preset.train, **kw))  # noqa: E731
-    assert not takes(with_model(mlp_activation="gelu"))
-    assert not takes(with_model(record_precision=True))
-    assert not takes(with_train(qat_threshold=0.15))  # its fake-quant weights would be bypassed
-    assert not takes(with_train(fused_mlp=False))
-    assert takes(with_model(mlp_activation="relu2")) == (importlib.util.find_spec("triton") is not None)
-    assert takes(preset) == (importlib.util.find_spec("triton") is not None)
+    pipelined = m.NUM_STAGES * (m.BLOCK_M * m.BLOCK_K + m.BLOCK_K * m.BLOCK_N) * 2  # bf16 bytes
+    assert shared == [pipelined, pipelined] and pipelined <= HOPPER_SHARED_MEMORY

@@ -1,6 +1,8 @@
 """builder/train/trainer.py and builder/data/loader.py: distributed equivalence, schedules, data hygiene."""
 
 import copy
+import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -22,7 +24,7 @@ from builder.quant.primitives import encode_matrix
 from builder.timebudget import TIME_RULES, describe, estimate_post_training, overtime, timing_summary
 from builder.train.averaging import Averages
 from builder.train.qat import LateQAT, fake_quantize
-from builder.train.trainer import Context, micro_batches, train
+from builder.train.trainer import Context, fused_kernels, micro_batches, train
 from runtime.config import ModelConfig
 from runtime.data import find_data
 from runtime.errors import PgError
@@ -355,3 +357,23 @@ def test_train_and_pack_run_dir_summary(demo_data, tmp_path):
     assert {p.name for p in run.iterdir()} == {"config.json", "train_log.jsonl", "loss.png", "summary.json",
                                                "checkpoint.pt"}
     assert torch.load(run / "checkpoint.pt", weights_only=True)["training"]["steps"] == 2
+
+
+def test_the_trainer_takes_each_triton_kernel_only_where_it_applies():
+    preset = get_preset("r0427")
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    triton = importlib.util.find_spec("triton") is not None
+    taken = lambda p, device=cuda: {k for k, fn in fused_kernels(p, device).items() if fn}  # noqa: E731
+    with_model = lambda **kw: dataclasses.replace(preset, model=dataclasses.replace(preset.model, **kw))  # noqa: E731
+    with_train = lambda **kw: dataclasses.replace(preset, train=dataclasses.replace(preset.train, **kw))  # noqa: E731
+    assert taken(preset) == ({"loss", "mlp"} if triton else set())
+    if not triton:
+        return
+    assert taken(preset, cpu) == set()
+    assert taken(with_model(record_precision=True)) == set()  # its logits are capped in bf16
+    assert taken(with_model(logit_softcap=0.0)) == {"mlp"}
+    assert taken(with_train(fused_loss=False)) == {"mlp"}
+    assert taken(with_model(mlp_activation="relu2")) == {"loss", "mlp"}
+    assert taken(with_model(mlp_activation="gelu")) == {"loss"}
+    assert taken(with_train(qat_threshold=0.15)) == {"loss"}  # the fused MLP would bypass its fake-quant weights
+    assert taken(with_train(fused_mlp=False)) == {"loss"}

@@ -87,7 +87,8 @@ COMPILE_FOR_HOPPER = textwrap.dedent("""
         fn = getattr(module, kernel["name"])
         constexprs = kernel["constexprs"]
         signature = {n: "constexpr" if n in constexprs else kernel["signature"][n] for n in fn.arg_names}
-        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+        attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in kernel.get("divisible_by_16", [])}
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                                   target=GPUTarget("cuda", 90, 32), options=kernel.get("options", {}))
         assert compiled.asm["cubin"]
         shared.append(compiled.metadata.shared)
@@ -97,8 +98,10 @@ COMPILE_FOR_HOPPER = textwrap.dedent("""
 
 def compile_for_hopper(module, form, kernels):
     """Compile each of `module`'s kernels ({name, signature: {arg: Triton type}, constexprs:
-    {arg: value}, options}) for sm_90, the module "installed" or "bundled" as an artifact
-    carries it; the shared memory bytes each one takes."""
+    {arg: value}, divisible_by_16: [arg], options}) for sm_90, the module "installed" or
+    "bundled" as an artifact carries it; the shared memory bytes each one takes. Triton's JIT
+    specializes a launch's arguments the same way: an int equal to 1 becomes a constant, and
+    pointers and ints divisible by 16 are marked so."""
     env = {**os.environ, "TRITON_DEFAULT_FP_FUSION": "1"}
     proc = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER, module, form, json.dumps(kernels)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
