@@ -526,7 +526,9 @@ def check_fused_mlp(report, preset, device, fused_mlp, tokens=98_304, repeats=20
     m = preset.model
     slope = m.leaky_relu_slope if m.mlp_activation == "leaky_relu2" else 0.0
     gen = torch.Generator(device=device).manual_seed(0)
-    make = lambda *shape, scale=1.0: (scale * torch.randn(*shape, generator=gen, device=device)).bfloat16()  # noqa: E731
+
+    def make(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=gen, device=device)).bfloat16()
     x, g = make(tokens, m.model_dim), make(tokens, m.model_dim)
     fc, proj = make(m.mlp_dim, m.model_dim, scale=m.model_dim ** -0.5), make(m.model_dim, m.mlp_dim, scale=0.02)
     results, compiled = {}, torch.compile(eager_mlp, backend=backend, fullgraph=True, dynamic=False)

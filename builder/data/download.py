@@ -105,6 +105,12 @@ def _shard_names(stats, split, dataset):
                   f"(a shard count or list of names); the manifest is broken")
 
 
+def _byte_sidecar(val_shard):
+    """fineweb_val_NNNNNN.bin -> fineweb_val_bytes_NNNNNN.bin, in the same folder."""
+    folder, name = posixpath.split(val_shard)
+    return posixpath.join(folder, name.replace("fineweb_val_", "fineweb_val_bytes_", 1))
+
+
 def _find_entries(manifest, variant, repo_id):
     """The dataset and tokenizer entries for `variant`, or an error listing what the repo has."""
     datasets = [d for d in manifest.get("datasets", []) if isinstance(d, dict)]
@@ -136,16 +142,14 @@ def _plan(dataset, tokenizer, train_shards, variant):
     if train_shards > len(train):
         raise PgError(f"{variant} has only {len(train)} train shards; "
                       f"lower --train-shards (asked for {train_shards})")
-    sidecar = lambda v: posixpath.join(  # noqa: E731
-        posixpath.dirname(v), posixpath.basename(v).replace("fineweb_val_", "fineweb_val_bytes_", 1))
-    sidecars = [sidecar(v) for v in val] if name.endswith(CASEOPS_SUFFIX) else []
+    sidecars = [_byte_sidecar(v) for v in val] if name.endswith(CASEOPS_SUFFIX) else []
     tok_files = [_safe_rel(tokenizer[k], "tokenizer") for k in ("model_path", "vocab_path", "path")
                  if tokenizer.get(k)]
     if not tok_files:
         raise PgError(f"manifest.json: tokenizer {tokenizer.get('name')!r} lists no files; "
                       f"the manifest is broken")
-    in_dataset = lambda names: [posixpath.join("datasets", name, n) for n in names]  # noqa: E731
-    return {"val": in_dataset(val), "val_bytes": in_dataset(sidecars), "train": in_dataset(train[:train_shards]),
+    files = {"val": val, "val_bytes": sidecars, "train": train[:train_shards]}
+    return {**{kind: [posixpath.join("datasets", name, n) for n in names] for kind, names in files.items()},
             "tokenizer": tok_files}
 
 
